@@ -1,0 +1,146 @@
+"""`edge`: one command for both sides. run/chat/verify use the runtime; export imports the exporter lazily."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # errors a user can act on: one line, no traceback
+        if not _is_user_error(e):
+            raise
+        print(f"edge: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _is_user_error(e: Exception) -> bool:
+    from devices import ProfileError
+    from edge import BundleError, ChatTemplateError, ContextError
+
+    user_errors = (BundleError, ChatTemplateError, ContextError, ProfileError, FileExistsError, ValueError)
+    return isinstance(e, user_errors) or type(e).__name__ == "ExportError"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge", description="Run small LLMs on small boards.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate a continuation of a prompt (read from stdin when omitted)")
+    _add_bundle(run)
+    run.add_argument("prompt", nargs="?", help="the prompt; stdin when omitted")
+    _add_sampling(run)
+    run.set_defaults(func=cmd_run)
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template")
+    _add_bundle(chat)
+    chat.add_argument("--system", help="a system prompt")
+    _add_sampling(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    verify = sub.add_parser("verify", help="re-hash every file of a bundle against its manifest")
+    verify.add_argument("bundle", help="a bundle folder, or 'demo'")
+    verify.set_defaults(func=cmd_verify)
+
+    export = sub.add_parser("export", help="Hugging Face checkpoint folder -> bundle (needs edge-llm[export])")
+    export.add_argument("src", help="a local Hugging Face checkpoint folder (or a hub id, with a network)")
+    export.add_argument("-o", "--output", required=True, help="the bundle folder to write")
+    export.add_argument("--quant", default="int4", choices=["fp32", "fp16", "int8", "int4"], help="default: int4")
+    export.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32)")
+    export.add_argument("--force", action="store_true", help="replace an existing output folder")
+    export.set_defaults(func=cmd_export)
+    return p
+
+
+def _add_bundle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", help="a bundle folder, or 'demo' for the small story model that ships with edge-llm")
+    p.add_argument("--profile", default="auto", help="device profile name or .toml path (default: auto)")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    # Each flag maps one-to-one onto a GenerationParams field; unset flags fall back to the bundle's defaults.
+    p.add_argument("--max-tokens", type=int, help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, help="0 is greedy")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="a stop string; repeat for several")
+
+
+def _sampling(args) -> dict:
+    return {name: getattr(args, name) for name in SAMPLING}
+
+
+def _load(args):
+    import edge
+
+    return edge.load(args.bundle, profile=args.profile)
+
+
+def _print_stream(records) -> None:
+    for record in records:
+        sys.stdout.write(record.text)
+        sys.stdout.flush()
+
+
+def cmd_run(args) -> int:
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    engine = _load(args)
+    _print_stream(engine.stream(prompt, **_sampling(args)))
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from edge import ChatTemplateError
+
+    engine = _load(args)
+    if engine.chat_template is None:
+        raise ChatTemplateError(f"{engine.bundle.path} has no chat template, so it cannot chat; use `edge run`")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print(">>> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = []
+        for record in engine.stream(messages=messages, **_sampling(args)):
+            reply.append(record.text)
+            sys.stdout.write(record.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_verify(args) -> int:
+    from edge.bundle import open_bundle
+    from edge.engine import resolve
+
+    bundle = open_bundle(resolve(args.bundle), verify="all")
+    print(f"{bundle.path}: {len(bundle.manifest['files'])} files verified (format {bundle.manifest['format_version']})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    try:
+        from export.pipeline import export
+    except ImportError as e:
+        print(f"edge: error: the exporter is not installed ({e}); pip install 'edge-llm[export]'", file=sys.stderr)
+        return 1
+    export(args.src, args.output, quant=args.quant, block_size=args.block_size, force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

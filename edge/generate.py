@@ -1,0 +1,151 @@
+"""The generation loop as layered generators.
+
+`step` yields (token, logprob) pairs: prefill, then one decode step per token. `stream` turns them into
+`Record`s of text, honouring eos ids, stop strings and max_tokens. `generate` joins a stream into a string.
+The CLI, the HTTP server and embedding products consume `stream` and nothing below it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from edge.model import Model
+from edge.sampling import Processor, Sampler, log_softmax, make_processors, make_sampler
+from edge.tokenizer import Tokenizer
+
+PREFILL_CHUNK = 64  # prompt tokens per forward pass: bounds the (chunk x vocab) logits buffer on small boards
+
+
+class ContextError(ValueError):
+    """The prompt does not fit the model's context."""
+
+
+@dataclass
+class GenerationParams:
+    max_tokens: int = 256  # most tokens to generate; fewer if the context fills first
+    temperature: float = 0.8  # 0 means greedy (argmax)
+    top_k: int = 40  # keep the k most likely tokens; 0 turns it off
+    top_p: float = 0.95  # keep the smallest set of tokens whose probability reaches p; 1 turns it off
+    min_p: float = 0.05  # drop tokens below min_p times the top token's probability; 0 turns it off
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in prompt or output (transformers' rule)
+    seed: int | None = None  # fixes the random draws; None draws a fresh seed
+    stop: list[str] = field(default_factory=list)  # strings that end generation; not included in the text
+
+    def __post_init__(self):
+        checks = {
+            "max_tokens": self.max_tokens >= 0, "temperature": self.temperature >= 0,
+            "top_k": self.top_k >= 0, "top_p": 0 < self.top_p <= 1, "min_p": 0 <= self.min_p <= 1,
+            "repetition_penalty": self.repetition_penalty > 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"out of range: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+
+    @classmethod
+    def with_defaults(cls, defaults: dict, **overrides) -> "GenerationParams":
+        """The bundle's defaults, then the caller's values (None means 'not given')."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise TypeError(f"unknown generation parameter(s): {', '.join(sorted(unknown))}")
+        merged = {k: v for k, v in defaults.items() if k in names}
+        merged.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**merged)
+
+
+class Record(NamedTuple):
+    text: str  # new text; "" while a character or a possible stop string is incomplete
+    token: int  # the token id sampled at this step
+    logprob: float  # its log-probability under the model's raw distribution (log-softmax of the logits)
+    finish_reason: str | None  # None, "stop" (eos or stop string) or "length"
+
+
+def step(model: Model, prompt: Sequence[int], sampler: Sampler, processors: list[Processor]) -> Iterator[tuple[int, float]]:
+    """Prefill the prompt, then yield sampled tokens forever; the consumer decides when to stop."""
+    cache = model.new_cache()
+    tokens = np.asarray(prompt, dtype=np.int64)
+    for start in range(0, len(tokens), PREFILL_CHUNK):
+        logits = model.forward(cache, tokens[start:start + PREFILL_CHUNK])[-1]
+    history = list(prompt)
+    while True:
+        scores = logits
+        for process in processors:
+            scores = process(history, scores)
+        token = sampler(scores)
+        yield token, float(log_softmax(logits)[token])
+        history.append(token)
+        logits = model.forward(cache, np.array([token], dtype=np.int64))[-1]
+
+
+def stream(model: Model, tokenizer: Tokenizer, prompt: Sequence[int], params: GenerationParams,
+           eos_ids: Sequence[int] = ()) -> Iterator[Record]:
+    """Records of generated text until eos, a stop string, max_tokens or a full context."""
+    room = model.context_length - len(prompt)
+    if not prompt:
+        raise ContextError("the prompt is empty")
+    if room <= 0:
+        raise ContextError(f"the prompt has {len(prompt)} tokens but the model's context holds "
+                           f"{model.context_length}; shorten it (nothing was cut)")
+    limit = min(params.max_tokens, room)
+    if limit == 0:
+        return
+    sampler = make_sampler(params.temperature, params.top_k, params.top_p, params.min_p, params.seed)
+    steps = step(model, prompt, sampler, make_processors(params.repetition_penalty))
+    detok, stops = tokenizer.detokenizer(prompt), StopMatcher(params.stop)
+    for count, (token, logprob) in enumerate(steps, start=1):
+        if token in eos_ids:
+            text, _ = stops.finish(detok.flush())
+            yield Record(text, token, logprob, "stop")
+            return
+        text, stopped = stops.feed(detok.add(token))
+        if not stopped and count == limit:
+            tail, stopped = stops.finish(detok.flush())
+            text += tail
+        if stopped or count == limit:
+            yield Record(text, token, logprob, "stop" if stopped else "length")
+            return
+        yield Record(text, token, logprob, None)
+
+
+def generate(model: Model, tokenizer: Tokenizer, prompt: Sequence[int], params: GenerationParams,
+             eos_ids: Sequence[int] = ()) -> str:
+    return "".join(record.text for record in stream(model, tokenizer, prompt, params, eos_ids))
+
+
+class StopMatcher:
+    """Holds back text that might be the start of a stop string, and cuts at the first stop string."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was found)."""
+        if not self.stops:
+            return text, False
+        self.held += text
+        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.held = self.held[:min(hits)], ""
+            return out, True
+        keep = max((self._partial(s) for s in self.stops), default=0)
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out, False
+
+    def finish(self, text: str) -> tuple[str, bool]:
+        """The last text: everything still held comes out unless a stop string cuts it."""
+        out, stopped = self.feed(text)
+        if not stopped:
+            out, self.held = out + self.held, ""
+        return out, stopped
+
+    def _partial(self, stop: str) -> int:
+        """Length of the longest suffix of the held text that is a prefix of `stop`."""
+        for n in range(min(len(stop) - 1, len(self.held)), 0, -1):
+            if self.held.endswith(stop[:n]):
+                return n
+        return 0

@@ -1,0 +1,89 @@
+"""Samplers and logits processors, built once from parameters; pure numpy functions on a logits vector.
+
+The order is transformers': repetition penalty, then temperature, top_k, top_p, min_p, then a draw.
+`temperature == 0` means argmax (after the repetition penalty, as transformers' greedy search does).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+Sampler = Callable[[np.ndarray], int]
+Processor = Callable[[Sequence[int], np.ndarray], np.ndarray]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def make_processors(repetition_penalty: float = 1.0) -> list[Processor]:
+    return [repetition_penalty_processor(repetition_penalty)] if repetition_penalty != 1.0 else []
+
+
+def repetition_penalty_processor(penalty: float) -> Processor:
+    def apply(tokens: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        if not len(tokens):
+            return logits
+        seen = np.unique(np.asarray(tokens))
+        score = logits[seen]
+        logits = logits.copy()
+        logits[seen] = np.where(score < 0, score * penalty, score / penalty)
+        return logits
+    return apply
+
+
+def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 seed: int | None = None) -> Sampler:
+    if temperature == 0:
+        return lambda logits: int(np.argmax(logits))
+    filters = [f for f in (_top_k(top_k), _top_p(top_p), _min_p(min_p)) if f is not None]
+    rng = np.random.default_rng(seed)
+
+    def sample(logits: np.ndarray) -> int:
+        logits = logits.astype(np.float64) / temperature
+        for f in filters:
+            logits = f(logits)
+        probs = np.exp(logits - logits.max())
+        cdf = np.cumsum(probs)
+        return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
+    return sample
+
+
+def _top_k(k: int):
+    if k <= 0:
+        return None
+
+    def apply(logits: np.ndarray) -> np.ndarray:
+        if k >= len(logits):
+            return logits
+        kth = np.partition(logits, -k)[-k]
+        return np.where(logits < kth, -np.inf, logits)  # ties with the k-th survive, as in transformers
+    return apply
+
+
+def _top_p(p: float):
+    if p >= 1.0:
+        return None
+
+    def apply(logits: np.ndarray) -> np.ndarray:
+        order = np.argsort(logits)  # ascending, as transformers sorts
+        probs = np.exp(logits[order] - logits.max())
+        cumulative = np.cumsum(probs / probs.sum())
+        remove = cumulative <= 1 - p
+        remove[-1] = False  # always keep the most likely token
+        out = logits.copy()
+        out[order[remove]] = -np.inf
+        return out
+    return apply
+
+
+def _min_p(p: float):
+    if p <= 0.0:
+        return None
+
+    def apply(logits: np.ndarray) -> np.ndarray:
+        probs = np.exp(logits - logits.max())  # relative to the top token, so no normalisation needed
+        return np.where(probs < p, -np.inf, logits)
+    return apply

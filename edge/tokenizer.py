@@ -1,0 +1,57 @@
+"""Text to token ids and back with the bundle's tokenizer.json, and a detokenizer for streaming."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from tokenizers import Tokenizer as HFTokenizer
+
+REPLACEMENT = "\ufffd"  # what a decoder emits for bytes that do not yet form a whole UTF-8 character
+
+
+class Tokenizer:
+    def __init__(self, file: Path):
+        self.backend = HFTokenizer.from_file(str(file))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def detokenizer(self, context: Sequence[int]) -> "StreamingDetokenizer":
+        return StreamingDetokenizer(self, context)
+
+
+class StreamingDetokenizer:
+    """Turns tokens into text as they come, never splitting a UTF-8 character.
+
+    Decodes a short window that starts a few tokens back, so that tokenizers which drop or add a leading space
+    depending on what came before (SentencePiece's "▁") give the same text as decoding everything at once.
+    The window starts inside the prompt, so the first generated word gets its space.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int]):
+        self.tokenizer = tokenizer
+        self.ids = list(context[-6:])
+        self.prefix = 0  # window start: text before read_at is already out
+        self.read_at = len(self.ids)
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """What is still held back (an incomplete character at the very end comes out as U+FFFD)."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        done = self.tokenizer.decode(self.ids[self.prefix:self.read_at])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) <= len(done) or (text.endswith(REPLACEMENT) and not final):
+            return ""
+        self.prefix, self.read_at = self.read_at, len(self.ids)
+        return text[len(done):]

@@ -1,0 +1,125 @@
+"""The export pipeline, stage by stage: check, load, ONNX, validate, quantize, measure, write the bundle."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from export.errors import ExportError
+
+STAGES = 6
+GEN_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def log(message: str) -> None:
+    print(f"edge export: {message}", file=sys.stderr, flush=True)
+
+
+def stage(n: int, what: str) -> None:
+    log(f"[{n}/{STAGES}] {what}")
+
+
+def export(src: str, out: str, quant: str = "int4", block_size: int = 32, force: bool = False) -> dict:
+    """Export a checkpoint folder to a bundle at `out`; returns the manifest."""
+    try:
+        import onnx
+        import onnxruntime as ort
+
+        from export import bundle, convert, quantize, validate
+    except ImportError as e:
+        raise ExportError(f"the exporter needs the export extra ({e.name} is missing): pip install 'edge-llm[export]'") from e
+    if quant not in quantize.METHODS:
+        raise ExportError(f"unknown --quant {quant!r}; choose one of {', '.join(quantize.METHODS)}")
+    out_path = Path(out)
+    if out_path.exists() and not force:
+        raise ExportError(f"{out_path} already exists; pass --force to replace it")
+    started = time.time()
+    stage(1, f"checking {src}")
+    source = convert.resolve_source(src)
+    config = convert.check_source(source)
+    stage(2, "loading the source model (transformers, fp32)")
+    model, tokenizer = convert.load_model(source)
+    if not tokenizer.is_fast:
+        raise ExportError(f"{source}: the tokenizer has no fast (tokenizer.json) form; the runtime needs one")
+    shape = convert.model_shape(model.config)
+    with bundle.staging(out_path, force) as scratch:
+        stage(3, "exporting to ONNX with a KV cache (optimum)")
+        raw_file = convert.to_onnx(model, scratch / "onnx")
+        spec = convert.io_names(onnx.load(raw_file, load_external_data=False))
+        reference = ort.InferenceSession(str(raw_file), providers=["CPUExecutionProvider"])
+        stage(4, "checking the ONNX graph against the source model")
+        figures = {"source": validate.source_fidelity(model, tokenizer, reference, shape)}
+        log(_describe(figures["source"]))
+        stage(5, f"quantizing ({quant})")
+        files = bundle.save_model(quantize.quantize(onnx.load(raw_file), quant, block_size), scratch / "bundle")
+        if quant != "fp32":
+            ids = tokenizer(validate.EVAL_TEXT).input_ids[: shape["context_length"]]
+            quantized = ort.InferenceSession(str(scratch / "bundle" / files[0]), providers=["CPUExecutionProvider"])
+            figures["quantization"] = validate.quantization_loss(reference, quantized, ids, shape)
+            log(_describe(figures["quantization"]))
+        stage(6, "writing the bundle")
+        manifest = _manifest(convert.FAMILIES[config["model_type"]], config, model, tokenizer, source, shape, spec,
+                             quant, block_size, figures)
+        manifest.update(_write_tokenizer(tokenizer, scratch / "bundle"))
+        manifest = bundle.write_manifest(scratch / "bundle", manifest)
+    log(f"done in {time.time() - started:.0f} s: {out_path}")
+    return manifest
+
+
+def _describe(figures: dict) -> str:
+    if "perplexity_ratio" in figures:
+        return (f"quantization: perplexity {figures['perplexity']:.3f} vs fp32 {figures['perplexity_fp32']:.3f} "
+                f"(x{figures['perplexity_ratio']:.4f}), mean KL {figures['mean_kl']:.5f}")
+    return (f"ONNX vs source: max |logit error| {figures['max_abs_logit_error']:.2e}, "
+            f"greedy agreement {figures['greedy_agreement']:.0%} over {figures['tokens']} tokens")
+
+
+def _write_tokenizer(tokenizer, folder: Path) -> dict:
+    tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    special = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    entries = {"tokenizer": {"file": "tokenizer.json", "special_tokens": special}, "chat_template": None}
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # several named templates: the default one is for chat
+        template = template.get("default") or next(iter(template.values()))
+    if template:
+        (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+        entries["chat_template"] = "chat_template.jinja"
+    return entries
+
+
+def _manifest(family: str, config: dict, model, tokenizer, source: Path, shape, spec, quant, block_size, figures) -> dict:
+    return {
+        "family": family,
+        "architecture": (config.get("architectures") or [model.__class__.__name__])[0],
+        "source": source.name,
+        "model": shape,
+        "onnx": {"file": "model.onnx", **spec},
+        "quantization": {"method": quant, **({"block_size": block_size, "symmetric": True} if quant == "int4" else {})},
+        "generation": _generation(model, tokenizer, source),
+        "validation": figures,
+        "created_by": {name: _version(name) for name in
+                       ("edge-llm", "optimum-onnx", "transformers", "torch", "onnx", "onnxruntime")},
+    }
+
+
+def _generation(model, tokenizer, source: Path) -> dict:
+    """eos ids from the generation config, the model config and the tokenizer; the explicit sampling defaults."""
+    eos = set()
+    for value in (model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer.eos_token_id):
+        eos.update(value if isinstance(value, list) else [value] if value is not None else [])
+    explicit = {}
+    if (source / "generation_config.json").is_file():
+        explicit = json.loads((source / "generation_config.json").read_text(encoding="utf-8"))
+    defaults = {k: explicit[k] for k in GEN_KEYS if k in explicit}
+    if explicit.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return {"eos_token_ids": sorted(eos), "defaults": defaults}
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "unknown"

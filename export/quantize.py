@@ -1,0 +1,160 @@
+"""Shrink the fp32 ONNX decoder with onnxruntime's own tools: int4 (MatMulNBits), int8 (dynamic), fp16 storage.
+
+optimum writes a tied embedding twice (the Gather table and a transposed copy for lm_head). Every method here
+stores it once: fp32/fp16 compute lm_head from a Transpose of the table; int4 quantizes lm_head with MatMulNBits
+and gathers embedding rows from the very same packed bytes with GatherBlockQuantized.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from export.errors import ExportError
+
+METHODS = ("fp32", "fp16", "int8", "int4")
+FP16_MAX = 65504.0
+
+
+def quantize(model: onnx.ModelProto, method: str, block_size: int = 32) -> onnx.ModelProto:
+    if method not in METHODS:
+        raise ExportError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "int4":
+        return to_int4(model, block_size)
+    model = share_tied_embedding(model)
+    if method == "fp16":
+        return to_fp16(model)
+    if method == "int8":
+        return to_int8(model)
+    return model
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _find_embedding(model: onnx.ModelProto):
+    """The Gather node that reads token embeddings straight from input_ids."""
+    inits = _initializers(model)
+    for node in model.graph.node:
+        if node.op_type == "Gather" and node.input[1] == "input_ids" and node.input[0] in inits:
+            return node
+    raise ExportError("the exported graph has no embedding Gather on input_ids")
+
+
+def _find_lm_head(model: onnx.ModelProto, vocab: int):
+    inits = _initializers(model)
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits and inits[node.input[1]].dims[-1] == vocab \
+                and "lm_head" in node.name:
+            return node
+    return None
+
+
+def _tied(model: onnx.ModelProto):
+    """(embedding Gather, lm_head MatMul) when lm_head's weight is exactly the transposed embedding, else None."""
+    inits = _initializers(model)
+    gather = _find_embedding(model)
+    table = inits[gather.input[0]]
+    head = _find_lm_head(model, table.dims[0])
+    if head is None or list(inits[head.input[1]].dims) != list(reversed(table.dims)):
+        return None
+    same = np.array_equal(numpy_helper.to_array(inits[head.input[1]]), numpy_helper.to_array(table).T)
+    return (gather, head) if same else None
+
+
+def share_tied_embedding(model: onnx.ModelProto) -> onnx.ModelProto:
+    tied = _tied(model)
+    if tied is None:
+        return model
+    gather, head = tied
+    copy_name, transposed = head.input[1], gather.input[0] + "_transposed"
+    _remove_initializer(model, copy_name)
+    head.input[1] = transposed
+    model.graph.node.insert(0, helper.make_node("Transpose", [gather.input[0]], [transposed], perm=[1, 0],
+                                                name="lm_head_from_embedding"))
+    return model
+
+
+def _remove_initializer(model: onnx.ModelProto, name: str) -> None:
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == name:
+            del model.graph.initializer[i]
+            return
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Weights stored as float16 and cast back to float32 on load: half the bytes, fp32 compute on CPUs."""
+    casts = []
+    for tensor in model.graph.initializer:
+        if tensor.data_type != onnx.TensorProto.FLOAT or len(tensor.dims) < 2:
+            continue
+        array = numpy_helper.to_array(tensor)
+        if np.abs(array).max(initial=0) >= FP16_MAX:
+            continue  # would overflow to inf; keep it in fp32
+        name = tensor.name
+        tensor.CopyFrom(numpy_helper.from_array(array.astype(np.float16), name + "_fp16"))
+        casts.append(helper.make_node("Cast", [name + "_fp16"], [name], to=onnx.TensorProto.FLOAT, name=name + "_cast"))
+    model.graph.node[0:0] = casts
+    return model
+
+
+def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Dynamic int8: int8 weights per output channel, activations quantized per call (onnxruntime's quantize_dynamic)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(model, src)
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
+        return onnx.load(dst)
+
+
+def to_int4(model: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
+    """Blockwise symmetric int4 weights (MatMulNBits) for every MatMul with a constant weight, lm_head included."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ExportError(f"--block-size must be a power of two >= 16, not {block_size}")
+    tied = _tied(model)
+    hidden = _initializers(model)[_find_embedding(model).input[0]].dims[1]
+    share = tied is not None and hidden % block_size == 0
+    ops = ("MatMul",) if share else ("MatMul", "Gather")
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, op_types_to_quantize=ops,
+                                          quant_axes=(("MatMul", 0), ("Gather", 1)))
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    quantizer.process()
+    model = quantizer.model.model
+    if share:
+        _gather_from_lm_head(model, block_size)
+    return model
+
+
+def _gather_from_lm_head(model: onnx.ModelProto, block_size: int) -> None:
+    """Replace the fp32 embedding Gather with GatherBlockQuantized over lm_head's packed int4 weight.
+
+    MatMulNBits keeps B as [N, K / block, block / 2] bytes (zero point 8) and scales as [N, K / block]; the
+    same bytes read as a [vocab, blocks, block] 4-bit table, blocked along its last axis, are the embedding.
+    """
+    gather = _find_embedding(model)
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
+    packed, scales = head.input[1], head.input[2]
+    vocab = next(helper.get_attribute_value(a) for a in head.attribute if a.name == "N")
+    table, out = gather.input[0], gather.output[0]
+    shape3, shape_out = scales + "_as_table", table + "_row_shape"
+    model.graph.initializer.extend([
+        numpy_helper.from_array(np.array([vocab, -1, 1], dtype=np.int64), shape3 + "_shape"),
+        numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), shape_out),
+    ])
+    nodes = [
+        helper.make_node("Reshape", [scales, shape3 + "_shape"], [shape3], name="embedding_scales"),
+        helper.make_node("GatherBlockQuantized", [packed, "input_ids", shape3], [out + "_blocks"], domain="com.microsoft",
+                         bits=4, block_size=block_size, gather_axis=0, quantize_axis=2, name="embedding_int4"),
+        helper.make_node("Reshape", [out + "_blocks", shape_out], [out], name="embedding_rows"),
+    ]
+    model.graph.node.remove(gather)
+    model.graph.node[0:0] = nodes
+    _remove_initializer(model, table)
