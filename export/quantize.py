@@ -74,9 +74,16 @@ def share_tied_embedding(model: onnx.ModelProto) -> onnx.ModelProto:
     copy_name, transposed = head.input[1], gather.input[0] + "_transposed"
     _remove_initializer(model, copy_name)
     head.input[1] = transposed
-    model.graph.node.insert(0, helper.make_node("Transpose", [gather.input[0]], [transposed], perm=[1, 0],
-                                                name="lm_head_from_embedding"))
+    _prepend(model, [helper.make_node("Transpose", [gather.input[0]], [transposed], perm=[1, 0],
+                                      name="lm_head_from_embedding")])
     return model
+
+
+def _prepend(model: onnx.ModelProto, nodes: list) -> None:
+    """Put nodes first, keeping the graph's topological order (their inputs are all initializers)."""
+    rest = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes + rest)
 
 
 def _remove_initializer(model: onnx.ModelProto, name: str) -> None:
@@ -98,7 +105,7 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         name = tensor.name
         tensor.CopyFrom(numpy_helper.from_array(array.astype(np.float16), name + "_fp16"))
         casts.append(helper.make_node("Cast", [name + "_fp16"], [name], to=onnx.TensorProto.FLOAT, name=name + "_cast"))
-    model.graph.node[0:0] = casts
+    _prepend(model, casts)
     return model
 
 
@@ -156,5 +163,5 @@ def _gather_from_lm_head(model: onnx.ModelProto, block_size: int) -> None:
         helper.make_node("Reshape", [out + "_blocks", shape_out], [out], name="embedding_rows"),
     ]
     model.graph.node.remove(gather)
-    model.graph.node[0:0] = nodes
+    _prepend(model, nodes)
     _remove_initializer(model, table)

@@ -1,0 +1,55 @@
+"""Session-wide fixtures: tiny checkpoints of each family and their bundles, each built and exported once."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from families import BY_NAME, STORIES, build_checkpoint
+
+os.environ.setdefault("XDG_CACHE_HOME", str(Path(__file__).parent / ".cache"))  # keep verify records out of ~
+
+
+class Exports:
+    """Builds checkpoints and exports bundles on first use, then hands out the same folders."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.done: dict[tuple, Path] = {}
+
+    def checkpoint(self, name: str) -> Path:
+        if name == "stories260K":
+            return STORIES
+        key = ("checkpoint", name)
+        if key not in self.done:
+            self.done[key] = build_checkpoint(BY_NAME[name], self.root / "hf" / name)
+        return self.done[key]
+
+    def bundle(self, name: str, quant: str = "fp32") -> Path:
+        from export.pipeline import export
+
+        key = ("bundle", name, quant)
+        if key not in self.done:
+            out = self.root / "bundles" / f"{name}-{quant}"
+            export(str(self.checkpoint(name)), str(out), quant=quant)
+            self.done[key] = out
+        return self.done[key]
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory) -> Exports:
+    return Exports(tmp_path_factory.mktemp("exports"))
+
+
+def run_edge(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """The `edge` command as a user runs it, in a fresh process."""
+    # Bytes in and out: text mode would turn a generated "\r\n" into "\n".
+    result = subprocess.run([sys.executable, "-m", "edge.cli", *args], capture_output=True, timeout=300,
+                            input=None if stdin is None else stdin.encode())
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode(errors="replace")
+    if check and result.returncode != 0:
+        raise AssertionError(f"edge {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result

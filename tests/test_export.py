@@ -1,0 +1,70 @@
+"""Every supported family: the fp32 bundle reproduces transformers step by step, through the API and the CLI."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import edge
+from conftest import run_edge
+from families import FAMILIES
+
+PROMPT = "The little robot looked at the stars and"
+STEPS = 20
+MARGIN = 1e-3  # below this top-2 gap, float noise may pick either token: compare tokens only before it
+
+
+def reference(checkpoint, prompt_ids):
+    """transformers' greedy decode: generated ids and the raw logits of each step."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=STEPS, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+    tokens = out.sequences[0, len(prompt_ids):].tolist()
+    return tokens, np.stack([step[0].numpy() for step in out.logits])
+
+
+def decisive_prefix(logits: np.ndarray) -> int:
+    """How many leading steps have a top-2 margin above MARGIN."""
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    close = np.nonzero(top2[:, 1] - top2[:, 0] < MARGIN)[0]
+    return int(close[0]) if len(close) else len(logits)
+
+
+@pytest.mark.parametrize("name", [f.name for f in FAMILIES])
+def test_fp32_bundle_matches_transformers(exports, name):
+    checkpoint, bundle = exports.checkpoint(name), exports.bundle(name)
+    engine = edge.load(bundle)
+    prompt = engine.encode(PROMPT)
+    assert prompt == AutoTokenizer.from_pretrained(checkpoint)(PROMPT).input_ids
+    want_tokens, want_logits = reference(checkpoint, prompt)
+
+    # Step by step through the runtime's KV cache: prefill, then one token at a time.
+    cache = engine.model.new_cache()
+    got = [engine.model.forward(cache, np.array(prompt))[-1]]
+    for token in want_tokens[:-1]:
+        got.append(engine.model.forward(cache, np.array([token]))[-1])
+    errors = np.abs(np.stack(got) - want_logits).max(axis=-1)
+    assert errors.max() < 1e-3, f"max |logit error| per step: {errors}"
+
+    n = decisive_prefix(want_logits)
+    assert n >= 5, "random init not decisive enough to compare tokens"
+    records = list(engine.stream(prompt, temperature=0, max_tokens=STEPS))
+    assert [r.token for r in records][:n] == want_tokens[:n]
+
+    # The same continuation through the command line, as a user runs it.
+    text = run_edge("run", str(bundle), PROMPT, "--temperature", "0", "--max-tokens", str(STEPS)).stdout
+    assert text == "".join(r.text for r in records) + "\n"
+
+
+@pytest.mark.parametrize("name", ["tinyllama", "qwen3"])
+def test_manifest_describes_the_model(exports, name):
+    manifest = edge.load(exports.bundle(name)).bundle.manifest
+    config = AutoModelForCausalLM.from_pretrained(exports.checkpoint(name)).config
+    assert manifest["model"]["num_layers"] == config.num_hidden_layers
+    assert manifest["model"]["num_kv_heads"] == config.num_key_value_heads
+    assert manifest["model"]["vocab_size"] == config.vocab_size
+    assert manifest["validation"]["source"]["max_abs_logit_error"] < 1e-3
+    assert manifest["validation"]["source"]["greedy_agreement"] == 1.0
+    assert set(manifest["created_by"]) >= {"optimum-onnx", "transformers", "onnxruntime", "torch"}
