@@ -34,17 +34,27 @@ def repetition_penalty_processor(penalty: float) -> Processor:
     return apply
 
 
+def make_warper(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
+    """Temperature, then top_k, top_p and min_p filters: logits in, float64 logits out (-inf where removed)."""
+    filters = [f for f in (_top_k(top_k), _top_p(top_p), _min_p(min_p)) if f is not None]
+
+    def warp(logits: np.ndarray) -> np.ndarray:
+        logits = logits.astype(np.float64) / temperature
+        for f in filters:
+            logits = f(logits)
+        return logits
+    return warp
+
+
 def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  seed: int | None = None) -> Sampler:
     if temperature == 0:
         return lambda logits: int(np.argmax(logits))
-    filters = [f for f in (_top_k(top_k), _top_p(top_p), _min_p(min_p)) if f is not None]
+    warp = make_warper(temperature, top_k, top_p, min_p)
     rng = np.random.default_rng(seed)
 
     def sample(logits: np.ndarray) -> int:
-        logits = logits.astype(np.float64) / temperature
-        for f in filters:
-            logits = f(logits)
+        logits = warp(logits)
         probs = np.exp(logits - logits.max())
         cdf = np.cumsum(probs)
         return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))

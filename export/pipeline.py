@@ -21,15 +21,24 @@ def stage(n: int, what: str) -> None:
     log(f"[{n}/{STAGES}] {what}")
 
 
+def _require_extra() -> None:
+    """Fail early, with the install command, when the export extra is missing."""
+    for module in ("torch", "transformers", "optimum.exporters.onnx", "onnx", "onnx_ir", "onnxruntime"):
+        try:
+            __import__(module)
+        except ImportError as e:
+            raise ExportError(f"the exporter needs the export extra ({module} is missing): "
+                              f"pip install 'edge-llm[export]' (on CPU-only machines install torch's CPU build first)") from e
+
+
 def export(src: str, out: str, quant: str = "int4", block_size: int = 32, force: bool = False) -> dict:
     """Export a checkpoint folder to a bundle at `out`; returns the manifest."""
-    try:
-        import onnx
-        import onnxruntime as ort
+    _require_extra()
+    import onnx
+    import onnxruntime as ort
 
-        from export import bundle, convert, quantize, validate
-    except ImportError as e:
-        raise ExportError(f"the exporter needs the export extra ({e.name} is missing): pip install 'edge-llm[export]'") from e
+    from export import bundle, convert, quantize, validate
+
     if quant not in quantize.METHODS:
         raise ExportError(f"unknown --quant {quant!r}; choose one of {', '.join(quantize.METHODS)}")
     out_path = Path(out)

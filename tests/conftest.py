@@ -4,13 +4,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from families import BY_NAME, STORIES, build_checkpoint
 
-os.environ.setdefault("XDG_CACHE_HOME", str(Path(__file__).parent / ".cache"))  # keep verify records out of ~
+os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="edge-test-cache-"))  # verify records, not in ~
 
 
 class Exports:

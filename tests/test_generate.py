@@ -1,0 +1,117 @@
+"""The generation loop on the demo bundle: finish reasons, stop strings, logprobs, context limits, streaming."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edge
+from edge import generate as gen
+from edge.sampling import log_softmax
+
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return edge.load("demo")
+
+
+@pytest.fixture(scope="module")
+def greedy(engine):
+    return list(engine.stream(PROMPT, temperature=0, max_tokens=60))
+
+
+def test_max_tokens_finishes_with_length(greedy):
+    assert len(greedy) == 60
+    assert [r.finish_reason for r in greedy] == [None] * 59 + ["length"]
+
+
+def test_streamed_text_equals_generate_and_full_decode(engine, greedy):
+    text = "".join(r.text for r in greedy)
+    assert text == engine.generate(PROMPT, temperature=0, max_tokens=60)
+    prompt = engine.encode(PROMPT)
+    full = engine.tokenizer.decode(prompt + [r.token for r in greedy])
+    assert text == full[len(engine.tokenizer.decode(prompt)):]
+    assert text.startswith(", there was")
+
+
+def test_logprobs_are_log_softmax_of_raw_logits(engine, greedy):
+    prompt = engine.encode(PROMPT)
+    logits = engine.model.forward(engine.model.new_cache(), np.array(prompt + [r.token for r in greedy[:-1]]))
+    want = log_softmax(logits[len(prompt) - 1:])[np.arange(len(greedy)), [r.token for r in greedy]]
+    assert np.allclose([r.logprob for r in greedy], want, atol=1e-4)
+    assert all(r.logprob <= 0 for r in greedy)
+
+
+def test_logprobs_ignore_sampling_filters(engine):
+    # top_k=1 makes every pick certain, but the reported logprob is the model's own.
+    records = list(engine.stream(PROMPT, temperature=1.0, top_k=1, max_tokens=10, seed=0))
+    assert any(r.logprob < -1e-3 for r in records)
+
+
+@pytest.mark.parametrize("cut", [5, 37, 80])
+def test_stop_string_cuts_the_text(engine, greedy, cut):
+    text = "".join(r.text for r in greedy)
+    stop = text[cut:cut + 6]  # may span several tokens
+    records = list(engine.stream(PROMPT, temperature=0, max_tokens=60, stop=["zzz", stop]))
+    assert "".join(r.text for r in records) == text[:text.index(stop)]
+    assert records[-1].finish_reason == "stop"
+
+
+def test_eos_stops_generation(engine, greedy):
+    prompt = engine.encode(PROMPT)
+    eos = greedy[10].token
+    first = next(i for i, r in enumerate(greedy) if r.token == eos)
+    records = list(gen.stream(engine.model, engine.tokenizer, prompt, engine.params(temperature=0, max_tokens=60), {eos}))
+    assert len(records) == first + 1 and records[-1].finish_reason == "stop" and records[-1].token == eos
+    assert "".join(r.text for r in records) == engine.tokenizer.decode(prompt + [r.token for r in greedy[:first]])[
+        len(engine.tokenizer.decode(prompt)):]
+
+
+def test_same_seed_same_text(engine):
+    a = engine.generate(PROMPT, temperature=1.0, max_tokens=40, seed=11)
+    assert a == engine.generate(PROMPT, temperature=1.0, max_tokens=40, seed=11)
+    assert a != engine.generate(PROMPT, temperature=1.0, max_tokens=40, seed=12)
+
+
+def test_prompt_longer_than_context_is_refused(engine):
+    ids = [1] + [300] * engine.context_length
+    with pytest.raises(edge.ContextError, match=f"{len(ids)} tokens.*{engine.context_length}"):
+        engine.generate(ids)
+
+
+def test_max_tokens_beyond_the_context_is_clamped(engine):
+    ids = engine.encode(PROMPT)
+    ids = ids + [300] * (engine.context_length - len(ids) - 3)
+    records = list(engine.stream(ids, temperature=0, max_tokens=100))
+    assert len(records) == 3 and records[-1].finish_reason == "length"
+
+
+def test_bad_parameters_are_refused(engine):
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate(PROMPT, top_p=0)
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate(PROMPT, temperature=-1)
+    with pytest.raises(TypeError, match="nonsense"):
+        engine.generate(PROMPT, nonsense=1)
+
+
+def test_bundle_defaults_apply_unless_overridden(engine):
+    assert engine.params().temperature == 0.0  # stories260K's generation_config says do_sample: false
+    assert engine.params(temperature=0.5).temperature == 0.5
+
+
+@pytest.mark.parametrize("chunks, stops, want, stopped", [
+    (["Hel", "lo wor", "ld"], ["lo w"], "Hel", True),
+    (["a", "b", "c"], ["bd"], "abc", False),
+    (["x<|", "end|>y"], ["<|end|>"], "x", True),
+    (["no stops"], [], "no stops", False),
+])
+def test_stop_matcher(chunks, stops, want, stopped):
+    matcher, out, hit = gen.StopMatcher(stops), "", False
+    for i, chunk in enumerate(chunks):
+        text, hit = matcher.finish(chunk) if i == len(chunks) - 1 else matcher.feed(chunk)
+        out += text
+        if hit:
+            break
+    assert (out, hit) == (want, stopped)
