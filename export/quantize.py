@@ -17,6 +17,7 @@ from export.errors import ExportError
 
 METHODS = ("fp32", "fp16", "int8", "int4")
 FP16_MAX = 65504.0
+INT8_BLOCK = 32  # block size of the int8 lm_head/embedding pair
 
 
 def quantize(model: onnx.ModelProto, method: str, block_size: int = 32) -> onnx.ModelProto:
@@ -24,12 +25,10 @@ def quantize(model: onnx.ModelProto, method: str, block_size: int = 32) -> onnx.
         raise ExportError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
     if method == "int4":
         return to_int4(model, block_size)
-    model = share_tied_embedding(model)
-    if method == "fp16":
-        return to_fp16(model)
     if method == "int8":
         return to_int8(model)
-    return model
+    model = share_tied_embedding(model)
+    return to_fp16(model) if method == "fp16" else model
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -110,41 +109,62 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Dynamic int8: int8 weights per output channel, activations quantized per call (onnxruntime's quantize_dynamic)."""
+    """Dynamic int8 (onnxruntime's quantize_dynamic): per-channel int8 weights, activations quantized per call.
+
+    A tied lm_head is instead blockwise int8 (MatMulNBits, 8 bits) so that the embedding can gather from the same
+    bytes; otherwise the vocab-sized table, the largest tensor of a small model, would stay fp32.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    share = _shareable(model, INT8_BLOCK)
+    head = [share[1].name] if share else []
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(model, src)
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
-        return onnx.load(dst)
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+                         nodes_to_exclude=head)
+        model = onnx.load(dst)
+    if not share:
+        return share_tied_embedding(model)
+    model = _blockwise(model, bits=8, block_size=INT8_BLOCK, ops=("MatMul",))  # only lm_head is left as MatMul
+    _gather_from_lm_head(model, INT8_BLOCK, bits=8)
+    return model
 
 
 def to_int4(model: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
     """Blockwise symmetric int4 weights (MatMulNBits) for every MatMul with a constant weight, lm_head included."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
     if block_size < 16 or block_size & (block_size - 1):
         raise ExportError(f"--block-size must be a power of two >= 16, not {block_size}")
-    tied = _tied(model)
-    hidden = _initializers(model)[_find_embedding(model).input[0]].dims[1]
-    share = tied is not None and hidden % block_size == 0
-    ops = ("MatMul",) if share else ("MatMul", "Gather")
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, op_types_to_quantize=ops,
-                                          quant_axes=(("MatMul", 0), ("Gather", 1)))
-    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
-    quantizer.process()
-    model = quantizer.model.model
+    share = _shareable(model, block_size)
+    model = _blockwise(model, bits=4, block_size=block_size, ops=("MatMul",) if share else ("MatMul", "Gather"))
     if share:
-        _gather_from_lm_head(model, block_size)
+        _gather_from_lm_head(model, block_size, bits=4)
     return model
 
 
-def _gather_from_lm_head(model: onnx.ModelProto, block_size: int) -> None:
-    """Replace the fp32 embedding Gather with GatherBlockQuantized over lm_head's packed int4 weight.
+def _shareable(model: onnx.ModelProto, block_size: int):
+    """The tied (embedding, lm_head) pair when its rows split into whole blocks, else None."""
+    tied = _tied(model)
+    hidden = _initializers(model)[_find_embedding(model).input[0]].dims[1]
+    return tied if tied is not None and hidden % block_size == 0 else None
 
-    MatMulNBits keeps B as [N, K / block, block / 2] bytes (zero point 8) and scales as [N, K / block]; the
-    same bytes read as a [vocab, blocks, block] 4-bit table, blocked along its last axis, are the embedding.
+
+def _blockwise(model: onnx.ModelProto, bits: int, block_size: int, ops: tuple[str, ...]) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=bits, op_types_to_quantize=ops,
+                                          quant_axes=(("MatMul", 0), ("Gather", 1)))
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _gather_from_lm_head(model: onnx.ModelProto, block_size: int, bits: int) -> None:
+    """Replace the fp32 embedding Gather with GatherBlockQuantized over lm_head's packed weight.
+
+    MatMulNBits keeps B as [N, K / block, block * bits / 8] bytes (zero point 2^(bits-1)) and scales as
+    [N, K / block]; the same bytes read as a [vocab, blocks, block] table, blocked along its last axis, are the
+    embedding (checked exact against MatMulNBits in tests/test_quality.py).
     """
     gather = _find_embedding(model)
     head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
@@ -159,7 +179,7 @@ def _gather_from_lm_head(model: onnx.ModelProto, block_size: int) -> None:
     nodes = [
         helper.make_node("Reshape", [scales, shape3 + "_shape"], [shape3], name="embedding_scales"),
         helper.make_node("GatherBlockQuantized", [packed, "input_ids", shape3], [out + "_blocks"], domain="com.microsoft",
-                         bits=4, block_size=block_size, gather_axis=0, quantize_axis=2, name="embedding_int4"),
+                         bits=bits, block_size=block_size, gather_axis=0, quantize_axis=2, name="embedding_table"),
         helper.make_node("Reshape", [out + "_blocks", shape_out], [out], name="embedding_rows"),
     ]
     model.graph.node.remove(gather)

@@ -47,11 +47,12 @@ def test_quantized_bundles_tell_a_story(exports, fp32, quant):
     assert manifest["validation"]["quantization"]["perplexity_ratio"] < BOUNDS[quant]
 
 
-def test_int4_stores_the_tied_embedding_once(exports):
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_bundles_store_the_tied_embedding_once(exports, quant):
     import onnx
 
     fp32 = onnx.load(exports.bundle("stories260K", "fp32") / "model.onnx")
-    int4 = onnx.load(exports.bundle("stories260K", "int4") / "model.onnx")
+    int4 = onnx.load(exports.bundle("stories260K", quant) / "model.onnx")
     big = lambda m: [t for t in m.graph.initializer if 512 in t.dims]  # noqa: E731 (vocab-sized tensors)
     assert len(big(fp32)) == 1  # lm_head reads the embedding through a Transpose, not a copy
     ops = {n.op_type for n in int4.graph.node}
