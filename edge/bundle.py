@@ -57,7 +57,7 @@ def read_manifest(file: Path) -> dict:
 
 def check_format_version(version: object, file: Path) -> None:
     try:
-        major, minor = (int(part) for part in str(version).split("."))
+        major, _minor = (int(part) for part in str(version).split("."))
     except ValueError:
         raise BundleError(f"{file}: field format_version {version!r} is not MAJOR.MINOR") from None
     if major > FORMAT_MAJOR or major < 1:

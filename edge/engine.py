@@ -1,8 +1,8 @@
 """`load()` ties a verified bundle, a device profile, the tokenizer and the chat template into an Engine."""
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 

@@ -6,8 +6,9 @@ The CLI, the HTTP server and embedding products consume `stream` and nothing bel
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -46,7 +47,7 @@ class GenerationParams:
             self.stop = [self.stop]
 
     @classmethod
-    def with_defaults(cls, defaults: dict, **overrides) -> "GenerationParams":
+    def with_defaults(cls, defaults: dict, **overrides) -> GenerationParams:
         """The bundle's defaults, then the caller's values (None means 'not given')."""
         names = {f.name for f in fields(cls)}
         unknown = set(overrides) - names

@@ -5,7 +5,7 @@ The order is transformers': repetition penalty, then temperature, top_k, top_p, 
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -1,8 +1,8 @@
 """Text to token ids and back with the bundle's tokenizer.json, and a detokenizer for streaming."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -22,7 +22,7 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
-    def detokenizer(self, context: Sequence[int]) -> "StreamingDetokenizer":
+    def detokenizer(self, context: Sequence[int]) -> StreamingDetokenizer:
         return StreamingDetokenizer(self, context)
 
 

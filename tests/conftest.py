@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from families import BY_NAME, STORIES, build_checkpoint
 
 os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="edge-test-cache-"))  # verify records, not in ~

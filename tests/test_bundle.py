@@ -6,9 +6,9 @@ import os
 import shutil
 
 import pytest
+from conftest import run_edge
 
 import edge
-from conftest import run_edge
 from edge.bundle import BundleError, open_bundle, verify_files
 from edge.engine import DEMO
 

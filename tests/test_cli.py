@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import run_edge
+from families import STORIES
+
 from export.errors import ExportError
 from export.pipeline import export
-from families import STORIES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import run_edge
+from families import FAMILIES
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import edge
-from conftest import run_edge
-from families import FAMILIES
 
 PROMPT = "The little robot looked at the stars and"
 STEPS = 20
@@ -68,3 +68,19 @@ def test_manifest_describes_the_model(exports, name):
     assert manifest["validation"]["source"]["max_abs_logit_error"] < 1e-3
     assert manifest["validation"]["source"]["greedy_agreement"] == 1.0
     assert set(manifest["created_by"]) >= {"optimum-onnx", "transformers", "onnxruntime", "torch"}
+
+
+@pytest.mark.parametrize("name, quant", [("tinyllama", "int4"), ("qwen3", "int4"), ("gemma2", "int8"),
+                                         ("phi3", "int8"), ("smollm2", "fp16")])
+def test_quantized_bundles_of_other_families(exports, name, quant):
+    """Untied and tied embeddings, big and small vocabularies: each method exports, loads and tracks fp32."""
+    engine, reference = edge.load(exports.bundle(name, quant)), edge.load(exports.bundle(name))
+    figures = engine.bundle.manifest["validation"]["quantization"]
+    assert figures["perplexity"] > 0 and figures["mean_kl"] >= 0
+    prompt = np.array(engine.encode(PROMPT))
+    got = engine.model.forward(engine.model.new_cache(), prompt)
+    want = reference.model.forward(reference.model.new_cache(), prompt)
+    # Random weights make error sizes meaningless beyond "close to fp32"; quality is measured on stories260K.
+    tolerance = {"fp16": 1e-2, "int8": 0.5, "int4": 1.0}[quant]
+    assert np.abs(got - want).max() < tolerance * np.abs(want).max()
+    assert len(list(engine.stream(PROMPT, temperature=0, max_tokens=5))) >= 1

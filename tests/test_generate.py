@@ -115,3 +115,42 @@ def test_stop_matcher(chunks, stops, want, stopped):
         if hit:
             break
     assert (out, hit) == (want, stopped)
+
+
+class ScriptedModel:
+    """Stands in for the ONNX model: its logits pick a fixed script of tokens, one per step."""
+
+    context_length = 4096
+
+    def __init__(self, script):
+        self.script = script
+
+    def new_cache(self):
+        return {"offset": 0}
+
+    def forward(self, cache, tokens):
+        start = cache["offset"]
+        cache["offset"] += len(tokens)
+        logits = np.zeros((len(tokens), 151669), dtype=np.float32)
+        for row, position in enumerate(range(start, start + len(tokens))):
+            logits[row, self.script[min(position - self.prompt_len + 1, len(self.script) - 1)]] = 10.0
+        return logits
+
+
+@pytest.mark.parametrize("text", ["🦙 llamas 🚀 and 👩‍👩‍👧", "日本語のテキストと中文です", "mixed: naïve café ☕ 東京"])
+def test_stream_equals_generate_with_emoji_and_cjk(text):
+    from families import TOKENIZERS
+
+    from edge.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(TOKENIZERS / "qwen3" / "tokenizer.json")
+    prompt, script = tokenizer.encode("Say:"), tokenizer.encode(" " + text)
+    partial = any(tokenizer.decode([t]).endswith("\ufffd") for t in script)
+    assert partial or "🦙" not in text  # the emoji case does split characters across tokens
+    model = ScriptedModel(script)
+    model.prompt_len = len(prompt)
+    params = gen.GenerationParams(temperature=0, max_tokens=len(script))
+    records = list(gen.stream(model, tokenizer, prompt, params))
+    assert [r.token for r in records] == script
+    assert all("\ufffd" not in r.text for r in records)
+    assert "".join(r.text for r in records) == gen.generate(model, tokenizer, prompt, params) == " " + text

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from families import STORIES
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import edge
-from families import STORIES
 
 TEXT = (Path(__file__).parent / "data" / "story.txt").read_text(encoding="utf-8")
 BOUNDS = {"int8": 1.05, "int4": 1.3}  # perplexity relative to the fp32 bundle, from the issue
@@ -53,7 +53,7 @@ def test_quantized_bundles_store_the_tied_embedding_once(exports, quant):
 
     fp32 = onnx.load(exports.bundle("stories260K", "fp32") / "model.onnx")
     int4 = onnx.load(exports.bundle("stories260K", quant) / "model.onnx")
-    big = lambda m: [t for t in m.graph.initializer if 512 in t.dims]  # noqa: E731 (vocab-sized tensors)
+    big = lambda m: [t for t in m.graph.initializer if 512 in t.dims]
     assert len(big(fp32)) == 1  # lm_head reads the embedding through a Transpose, not a copy
     ops = {n.op_type for n in int4.graph.node}
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "Gather" in ops

@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import jinja2
 import pytest
+from families import BY_NAME, TOKENIZERS, write_tokenizer
 from transformers import AutoTokenizer
 
 from edge.chat import ChatTemplate, ChatTemplateError
 from edge.tokenizer import Tokenizer
 from export.pipeline import _write_tokenizer
-from families import BY_NAME, TOKENIZERS, Family, write_tokenizer
 
 sys.path.insert(0, str(TOKENIZERS))
-from tok_tests import load_vectors  # noqa: E402  (../shared/tokenizers/tok_tests.py)
+from tok_tests import load_vectors
 
 # tokenizer under test -> a family that uses it (for its chat template) and llama.cpp's reference vectors
 CASES = {
@@ -84,7 +83,7 @@ def test_chat_template_renders_like_transformers(pair, conversation):
 
 
 def test_streaming_never_splits_a_character(pair):
-    theirs, ours, _, _ = pair
+    _, ours, _, _ = pair
     context = ours.encode("Start:")
     for text in TEXTS:
         generated = ours.encode(" " + text, add_special_tokens=False)
