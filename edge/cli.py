@@ -100,7 +100,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from edge import ChatTemplateError
+    from edge import ChatTemplateError, ContextError
 
     engine = _load(args)
     if engine.chat_template is None:
@@ -114,13 +114,23 @@ def cmd_chat(args) -> int:
         if not line or line.strip() in ("/exit", "/quit"):
             return 0
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        reply = []
-        for record in engine.stream(messages=messages, **_sampling(args)):
-            reply.append(record.text)
-            sys.stdout.write(record.text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        try:
+            reply = _chat_turn(engine, messages, _sampling(args))
+        except (ContextError, ChatTemplateError) as e:  # the conversation goes on without this turn
+            print(f"edge: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _chat_turn(engine, messages: list[dict], sampling: dict) -> str:
+    reply = []
+    for record in engine.stream(messages=messages, **sampling):
+        reply.append(record.text)
+        sys.stdout.write(record.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(reply)
 
 
 def cmd_verify(args) -> int:

@@ -120,9 +120,10 @@ def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     head = [share[1].name] if share else []
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        onnx.save(model, src)
+        # External data on both sides: a model over 2 GB cannot be one protobuf file.
+        onnx.save(model, src, save_as_external_data=True, location="fp32.onnx.data")
         quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-                         nodes_to_exclude=head)
+                         nodes_to_exclude=head, use_external_data_format=True)
         model = onnx.load(dst)
     if not share:
         return share_tied_embedding(model)

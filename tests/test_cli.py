@@ -39,8 +39,10 @@ def test_chat_refuses_a_bundle_without_template():
 
 def test_chat_holds_a_conversation(exports):
     bundle = exports.bundle("qwen3")
-    result = run_edge("chat", str(bundle), "--max-tokens", "5", "--seed", "0", stdin="Hello\nAnd again\n")
+    too_long = "word " * 300  # more than the fixture's 256-token context: refused, and the chat goes on
+    result = run_edge("chat", str(bundle), "--max-tokens", "5", "--seed", "0", stdin=f"Hello\n{too_long}\nAnd again\n")
     assert result.returncode == 0 and len(result.stdout.splitlines()) >= 2
+    assert "context holds 256" in result.stderr
 
 
 def test_bad_bundle_is_one_clear_line(tmp_path):
