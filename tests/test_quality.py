@@ -32,6 +32,19 @@ def test_greedy_200_tokens_equal_transformers(fp32):
     assert "".join(r.text for r in records) == tokenizer.decode(out[0], skip_special_tokens=True)[len("Once upon a time"):]
 
 
+def test_long_prompt_prefills_in_chunks_like_one_pass(fp32):
+    from edge.generate import PREFILL_CHUNK
+
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    model = AutoModelForCausalLM.from_pretrained(STORIES, torch_dtype=torch.float32).eval()
+    prompt = tokenizer(TEXT).input_ids
+    assert len(prompt) > 2 * PREFILL_CHUNK
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False)
+    records = list(fp32.stream(prompt, temperature=0, max_tokens=30))
+    assert [r.token for r in records] == out[0, len(prompt):].tolist()
+
+
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_bundles_tell_a_story(exports, fp32, quant):
     engine = edge.load(exports.bundle("stories260K", quant))
