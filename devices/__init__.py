@@ -1,4 +1,7 @@
-"""Device profiles: which execution providers, options and threads a board wants, as data (one TOML file each)."""
-from devices.profiles import Profile, ProfileError, load_profile, profile_names
+"""Device profiles: which execution providers, options, threads and quantization a board wants, as data
+(one TOML file each), and detection of the board this runs on."""
+from devices.detect import Choice, Device, choose_profile, read_device, resolve
+from devices.profiles import Profile, ProfileError, all_profiles, load_profile, profile_names
 
-__all__ = ["Profile", "ProfileError", "load_profile", "profile_names"]
+__all__ = ["Choice", "Device", "Profile", "ProfileError", "all_profiles", "choose_profile", "load_profile",
+           "profile_names", "read_device", "resolve"]

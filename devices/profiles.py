@@ -1,8 +1,13 @@
-"""Load and check a device profile: a TOML file naming providers, threads and session options."""
+"""Device profiles: one TOML file per board, read into dataclasses and checked against their fields.
+
+The dataclasses below are the schema: a key a profile may hold is a field here, with its type. Unknown keys,
+wrong types and unknown providers are errors that name the file and the key.
+"""
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -11,13 +16,9 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 HERE = Path(__file__).parent
-KNOWN_PROVIDERS = {"CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"}
+PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 OPT_LEVELS = ("disable", "basic", "extended", "all")
-SCHEMA = {
-    "name": str, "description": str, "providers": list,
-    "cpu": {"intra_op_threads": int, "allow_spinning": bool},
-    "session": {"graph_optimization": str},
-}
+QUANTS = ("fp32", "fp16", "int8", "int4")
 
 
 class ProfileError(ValueError):
@@ -25,62 +26,135 @@ class ProfileError(ValueError):
 
 
 @dataclass(frozen=True)
+class Match:
+    """How to recognise the board; any one hit on model, compatible or CPU part counts."""
+
+    dt_model: tuple[str, ...] = ()  # substrings of /proc/device-tree/model
+    dt_compatible: tuple[str, ...] = ()  # entries of /proc/device-tree/compatible, matched exactly
+    cpu_parts: tuple[str, ...] = ()  # "CPU part" values of /proc/cpuinfo (e.g. "0xd0b", Cortex-A76)
+    tegra_release: tuple[str, ...] = ()  # L4T major releases in /etc/nv_tegra_release (e.g. "R36")
+    arch: str = ""  # machine architecture the profile is for: "aarch64" or "x86_64"; "" for any
+    generic: bool = False  # the fallback for its architecture when no board matches
+    needs_gpu: bool = False  # only chosen when onnxruntime offers CUDA (desktop GPUs have no device tree)
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str  # an onnxruntime execution provider, most preferred first in the profile's list
+    options: dict = field(default_factory=dict)  # provider options, passed to onnxruntime as given
+
+
+@dataclass(frozen=True)
+class Cpu:
+    intra_op_threads: int = 0  # threads for one operator: the performance cores; 0 lets onnxruntime choose
+    allow_spinning: bool = True  # busy-wait between ops: faster decode, more power and heat
+    spinning_reason: str = ""  # why this profile chose as it did
+
+
+@dataclass(frozen=True)
+class Session:
+    graph_optimization: str = "all"  # onnxruntime graph optimization level: disable, basic, extended, all
+    optimized_model_cache: bool = False  # keep the optimized graph in ~/.cache/edge-llm/optimized for faster loads
+
+
+@dataclass(frozen=True)
+class Export:
+    quant: str = "int4"  # what `edge export --profile` produces for this board
+    block_size: int = 32  # int4 block size
+    accuracy_level: int = 0  # MatMulNBits compute: 0 = fp32, 4 = int8 activations (dot-product kernels)
+
+
+@dataclass(frozen=True)
+class Memory:
+    budget_mb: int = 0  # most memory a model may take on this board; 0 = only what the machine has free
+    reserve_mb: int = 256  # memory left for the system and other programs
+    default_context: int = 4096  # context length used unless the caller asks for another (capped by the model)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str = "cpu"  # the profile's name, as `--profile` takes it
     description: str = ""  # one line for `edge devices`
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # execution providers, most preferred first
-    intra_op_threads: int = 0  # 0: onnxruntime's choice (one per physical core)
-    allow_spinning: bool = True  # busy-wait between ops: faster decode, more idle power
-    graph_optimization: str = "all"  # onnxruntime graph optimization level
+    notes: str = ""  # what a user of this board should know
+    match: Match = Match()
+    providers: tuple[Provider, ...] = (Provider("CPUExecutionProvider"),)
+    cpu: Cpu = Cpu()
+    session: Session = Session()
+    export: Export = Export()
+    memory: Memory = Memory()
     source: str = field(default="", compare=False)  # the file it came from, for messages
+
+    @property
+    def provider_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.providers)
 
 
 def profile_names() -> list[str]:
     return sorted(p.stem for p in HERE.glob("*.toml"))
 
 
-def load_profile(name_or_path: str | Path = "cpu") -> Profile:
+def all_profiles() -> list[Profile]:
+    return [load_profile(name) for name in profile_names()]
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
     """A bundled profile by name, or any TOML file by path."""
     path = Path(name_or_path)
     if path.suffix != ".toml":
-        if str(name_or_path) == "auto":  # board detection is issue 3; until then every board is a CPU
-            path = HERE / "cpu.toml"
-        else:
-            path = HERE / f"{name_or_path}.toml"
+        path = HERE / f"{name_or_path}.toml"
     if not path.is_file():
-        raise ProfileError(f"no device profile {str(name_or_path)!r}: choose one of {', '.join(profile_names())} or pass a .toml path")
+        raise ProfileError(f"no device profile {str(name_or_path)!r}: choose one of {', '.join(profile_names())}, "
+                           f"'auto', or a .toml path")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ProfileError(f"{path}: cannot read profile: {e}") from e
-    _check(data, SCHEMA, path, "")
-    return _build(data, path)
+    profile = build(Profile, data, path, "")
+    check_values(profile, path)
+    return Profile(**{**profile.__dict__, "source": str(path)})
 
 
-def _check(data: dict, schema: dict, path: Path, prefix: str) -> None:
+def build(cls, data: dict, path: Path, prefix: str):
+    """An instance of dataclass `cls` from a TOML table, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: {prefix.rstrip('.') or 'the file'} must be a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.name != "source"}
+    values = {}
     for key, value in data.items():
-        if key not in schema:
-            raise ProfileError(f"{path}: unknown key {prefix + key!r}")
-        want = schema[key]
-        if isinstance(want, dict):
-            if not isinstance(value, dict):
-                raise ProfileError(f"{path}: {prefix + key!r} must be a table")
-            _check(value, want, path, f"{prefix}{key}.")
-        elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise ProfileError(f"{path}: {prefix + key!r} must be {want.__name__}, not {type(value).__name__}")
+        if key not in known:
+            raise ProfileError(f"{path}: unknown key {prefix + key!r} (known: {', '.join(sorted(known))})")
+        values[key] = convert(hints[key], value, path, prefix + key)
+    return cls(**values)
 
 
-def _build(data: dict, path: Path) -> Profile:
-    providers = tuple(data.get("providers", ["CPUExecutionProvider"]))
-    unknown = [p for p in providers if p not in KNOWN_PROVIDERS]
-    if unknown:
-        raise ProfileError(f"{path}: unknown provider(s) {unknown}; known: {sorted(KNOWN_PROVIDERS)}")
-    level = data.get("session", {}).get("graph_optimization", "all")
-    if level not in OPT_LEVELS:
-        raise ProfileError(f"{path}: 'session.graph_optimization' must be one of {OPT_LEVELS}")
-    cpu = data.get("cpu", {})
-    return Profile(
-        name=data.get("name", path.stem), description=data.get("description", ""), providers=providers,
-        intra_op_threads=cpu.get("intra_op_threads", 0), allow_spinning=cpu.get("allow_spinning", True),
-        graph_optimization=level, source=str(path),
-    )
+def convert(hint, value, path: Path, key: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if is_dataclass(hint):
+        return build(hint, value, path, key + ".")
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ProfileError(f"{path}: {key!r} must be a list")
+        return tuple(convert(args[0], item, path, f"{key}[{i}]") for i, item in enumerate(value))
+    want = origin or hint
+    if not isinstance(value, want) or (want in (int, float) and isinstance(value, bool)):
+        raise ProfileError(f"{path}: {key!r} must be {want.__name__}, not {type(value).__name__}")
+    return value
+
+
+def check_values(profile: Profile, path: Path) -> None:
+    bad = [p.name for p in profile.providers if p.name not in PROVIDERS]
+    if bad:
+        raise ProfileError(f"{path}: 'providers' has unknown provider(s) {bad}; known: {', '.join(PROVIDERS)}")
+    if not profile.providers:
+        raise ProfileError(f"{path}: 'providers' must name at least one provider")
+    checks = [
+        ("session.graph_optimization", profile.session.graph_optimization in OPT_LEVELS, f"one of {OPT_LEVELS}"),
+        ("export.quant", profile.export.quant in QUANTS, f"one of {QUANTS}"),
+        ("export.accuracy_level", profile.export.accuracy_level in (0, 1, 2, 3, 4), "0 to 4"),
+        ("memory.default_context", profile.memory.default_context > 0, "positive"),
+        ("match.arch", profile.match.arch in ("", "aarch64", "x86_64"), "'aarch64', 'x86_64' or ''"),
+    ]
+    for key, ok, want in checks:
+        if not ok:
+            raise ProfileError(f"{path}: {key!r} must be {want}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop")
 
@@ -23,8 +24,10 @@ def main(argv: list[str] | None = None) -> int:
 def _is_user_error(e: Exception) -> bool:
     from devices import ProfileError
     from edge import BundleError, ChatTemplateError, ContextError
+    from edge.memory import MemoryBudgetError
 
-    user_errors = (BundleError, ChatTemplateError, ContextError, ProfileError, FileExistsError, ValueError)
+    user_errors = (BundleError, ChatTemplateError, ContextError, ProfileError, MemoryBudgetError, FileExistsError,
+                   ValueError)
     return isinstance(e, user_errors) or type(e).__name__ == "ExportError"
 
 
@@ -51,16 +54,30 @@ def parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="Hugging Face checkpoint folder -> bundle (needs edge-llm[export])")
     export.add_argument("src", help="a local Hugging Face checkpoint folder (or a hub id, with a network)")
     export.add_argument("-o", "--output", required=True, help="the bundle folder to write")
-    export.add_argument("--quant", default="int4", choices=["fp32", "fp16", "int8", "int4"], help="default: int4")
-    export.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32)")
+    export.add_argument("--quant", choices=["fp32", "fp16", "int8", "int4"], help="default: the profile's, else int4")
+    export.add_argument("--block-size", type=int, help="int4 block size (default: the profile's, else 32)")
+    export.add_argument("--profile", help="the device profile to export for: its quantization, recorded as the target")
     export.add_argument("--force", action="store_true", help="replace an existing output folder")
     export.set_defaults(func=cmd_export)
+
+    devices = sub.add_parser("devices", help="list the device profiles, or show one")
+    devices.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    devices.add_argument("name", nargs="?", help="the profile to show")
+    devices.set_defaults(func=cmd_devices)
+
+    doctor = sub.add_parser("doctor", help="what board this is, which profile and providers, and warnings")
+    doctor.add_argument("--root", default="/", help="read the device files under DIR (an SD-card image, a sysroot)")
+    doctor.add_argument("--bundle", help="also check this bundle: memory estimate, target, kernels")
+    doctor.add_argument("--profile", default="auto", help="a profile name or .toml instead of detection")
+    doctor.add_argument("--context", type=int, help="context length to plan for (default: the profile's)")
+    doctor.set_defaults(func=cmd_doctor)
     return p
 
 
 def _add_bundle(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="a bundle folder, or 'demo' for the small story model that ships with edge-llm")
     p.add_argument("--profile", default="auto", help="device profile name or .toml path (default: auto)")
+    p.add_argument("--context", type=int, help="context length to plan for (default: the profile's, capped by the model)")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -82,7 +99,7 @@ def _sampling(args) -> dict:
 def _load(args):
     import edge
 
-    return edge.load(args.bundle, profile=args.profile)
+    return edge.load(args.bundle, profile=args.profile, context_length=args.context)
 
 
 def _print_stream(records) -> None:
@@ -148,7 +165,31 @@ def cmd_export(args) -> int:
     except ImportError as e:
         print(f"edge: error: the exporter is not installed ({e}); pip install 'edge-llm[export]'", file=sys.stderr)
         return 1
-    export(args.src, args.output, quant=args.quant, block_size=args.block_size, force=args.force)
+    export(args.src, args.output, quant=args.quant, block_size=args.block_size, force=args.force, profile=args.profile)
+    return 0
+
+
+def cmd_devices(args) -> int:
+    from devices import all_profiles, load_profile
+
+    if args.action == "show":
+        if not args.name:
+            raise ValueError("edge devices show NAME: name a profile (edge devices lists them)")
+        print(Path(load_profile(args.name).source).read_text(encoding="utf-8"), end="")
+        return 0
+    for p in all_profiles():
+        print(f"{p.name:18} {'/'.join(n.replace('ExecutionProvider', '') for n in p.provider_names):14} "
+              f"{p.export.quant} (acc {p.export.accuracy_level})  {p.description}")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from edge.doctor import report
+
+    lines, warnings = report(args.root, args.bundle, args.profile, args.context)
+    print("\n".join(lines))
+    for warning in warnings:
+        print(f"warning: {warning}")
     return 0
 
 

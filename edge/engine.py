@@ -5,13 +5,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
-from devices import Profile, load_profile
+import devices
+from devices import Profile, read_device
 from edge import generate as gen
+from edge import memory
 from edge.bundle import Bundle, BundleError, open_bundle
 from edge.chat import ChatTemplate, ChatTemplateError
 from edge.model import Model
 from edge.sampling import log_softmax
+from edge.session import warn_once
 from edge.tokenizer import Tokenizer
 
 DEMO = Path(__file__).parent / "demo" / "stories260K"
@@ -20,10 +24,10 @@ DEMO = Path(__file__).parent / "demo" / "stories260K"
 class Engine:
     """A loaded model that generates text; build it with `edge.load(bundle)`."""
 
-    def __init__(self, bundle: Bundle, profile: Profile):
+    def __init__(self, bundle: Bundle, profile: Profile, context_length: int | None = None):
         manifest = bundle.manifest
         self.bundle, self.profile = bundle, profile
-        self.model = Model(bundle, profile)
+        self.model = Model(bundle, profile, context_length)
         self.tokenizer = Tokenizer(bundle.file(manifest["tokenizer"]["file"]))
         special = manifest["tokenizer"].get("special_tokens", {})
         template = manifest.get("chat_template")
@@ -72,11 +76,34 @@ def resolve(bundle: str | Path) -> Path:
     return DEMO if str(bundle) == "demo" else Path(bundle)
 
 
-def load(bundle: str | Path, profile: str | Path | Profile = "auto", verify: str = "changed") -> Engine:
-    """Verify a bundle (see `edge.bundle.open_bundle`) and load it under a device profile."""
+def load(bundle: str | Path, profile: str | Path | Profile = "auto", context_length: int | None = None,
+         verify: str = "changed", check_memory: bool = True) -> Engine:
+    """Verify a bundle and load it under a device profile.
+
+    profile: "auto" (detect the board), a profile name, a .toml path, or a Profile.
+    context_length: tokens of context to plan for; default the profile's, capped by the model's.
+    verify: "changed" re-hashes files whose size or mtime changed since the last full check; "all"; "none".
+    check_memory: refuse, with the numbers, a model that will not fit the budget or the free memory.
+    """
     path = resolve(bundle)
     if not path.is_dir():
         raise BundleError(f"{path}: no such bundle folder")
-    if not isinstance(profile, Profile):
-        profile = load_profile(profile)
-    return Engine(open_bundle(path, verify=verify), profile)
+    opened = open_bundle(path, verify=verify)
+    device = read_device()
+    choice = devices.resolve(profile, device, tuple(ort.get_available_providers()))
+    context = min(context_length or choice.profile.memory.default_context, opened.manifest["model"]["context_length"])
+    if check_memory:
+        memory.check(memory.estimate(opened, context), choice.profile, device)
+    warn_target(opened.manifest, choice.profile, device)
+    return Engine(opened, choice.profile, context)
+
+
+def warn_target(manifest: dict, profile: Profile, device) -> None:
+    """A bundle quantized for another board still runs, but maybe slowly: say why, once."""
+    target = manifest.get("target") or {}
+    if not target or target.get("profile") == profile.name:
+        return
+    why = f"this bundle was exported for {target['profile']}; this board uses profile {profile.name}"
+    if target.get("accuracy_level") == 4 and not device.dot_product:
+        why += "; its int4 kernels use int8 dot-product instructions, which this CPU lacks: expect slower decoding"
+    warn_once(why)

@@ -10,15 +10,14 @@ from edge.session import make_session
 
 
 class Model:
-    def __init__(self, bundle: Bundle, profile: Profile):
+    def __init__(self, bundle: Bundle, profile: Profile, context_length: int | None = None):
         self.shape = bundle.manifest["model"]  # layers, heads, kv heads, head dim, vocab, context length
         self.spec = bundle.manifest["onnx"]
-        self.session = make_session(bundle.file(self.spec["file"]), profile)
+        # The context planned for (and checked against memory); never more than the model was trained for.
+        self.context_length = min(context_length or self.shape["context_length"], self.shape["context_length"])
+        file = self.spec["file"]
+        self.session = make_session(bundle.file(file), profile, bundle.manifest["files"][file]["sha256"])
         self.providers = self.session.get_providers()  # what the session really uses, not what was asked
-
-    @property
-    def context_length(self) -> int:
-        return self.shape["context_length"]
 
     def new_cache(self) -> KVCache:
         s = self.shape

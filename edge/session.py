@@ -1,6 +1,12 @@
-"""The one place that turns a device profile into an onnxruntime InferenceSession."""
+"""The one place that turns a device profile into an onnxruntime InferenceSession.
+
+Providers fall back one by one to what this onnxruntime build really has, and the providers in use are read
+back from the created session: `get_available_providers()` can list CUDA when its libraries are missing.
+"""
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -14,28 +20,75 @@ LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        print(f"edge: {message}", file=sys.stderr)
 
 
 def session_options(profile: Profile) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.graph_optimization_level = LEVELS[profile.graph_optimization]
-    options.intra_op_num_threads = profile.intra_op_threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if profile.allow_spinning else "0")
+    options.log_severity_level = 3  # errors only: onnxruntime's warnings are for its developers, ours go to stderr
+    options.graph_optimization_level = LEVELS[profile.session.graph_optimization]
+    options.intra_op_num_threads = profile.cpu.intra_op_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if profile.cpu.allow_spinning else "0")
     return options
 
 
-def available(profile: Profile) -> list[str]:
-    """The profile's providers that this onnxruntime build has, in the profile's order; CPU always last resort."""
+def providers(profile: Profile) -> list[tuple[str, dict]]:
+    """The profile's providers that this onnxruntime build has, in order, with their options; CPU always last."""
     have = set(ort.get_available_providers())
-    chosen = [p for p in profile.providers if p in have]
-    dropped = [p for p in profile.providers if p not in have]
+    chosen = [(p.name, _options(p.options)) for p in profile.providers if p.name in have]
+    dropped = [p.name for p in profile.providers if p.name not in have]
     if dropped:
-        print(f"edge: providers {dropped} are not in this onnxruntime build; using {chosen or ['CPUExecutionProvider']}",
-              file=sys.stderr)
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
+        warn_once(f"profile {profile.name}: {', '.join(dropped)} not in this onnxruntime build "
+                  f"({ort.__version__}, has {', '.join(sorted(have))}); falling back")
+    if "CPUExecutionProvider" not in [name for name, _ in chosen]:
+        chosen.append(("CPUExecutionProvider", {}))
     return chosen
 
 
-def make_session(model: Path, profile: Profile) -> ort.InferenceSession:
-    return ort.InferenceSession(str(model), sess_options=session_options(profile), providers=available(profile))
+def _options(options: dict) -> dict[str, str]:
+    """onnxruntime reads provider options as strings; cache folders may start with ~."""
+    def text(key, value):
+        if isinstance(value, bool):
+            return "1" if value else "0"
+        return os.path.expanduser(str(value)) if key.endswith(("_path", "_dir")) else str(value)
+    return {key: text(key, value) for key, value in options.items()}
+
+
+def make_session(model: Path, profile: Profile, model_sha256: str = "") -> ort.InferenceSession:
+    options = session_options(profile)
+    wanted = providers(profile)
+    source = model
+    if profile.session.optimized_model_cache and model_sha256:
+        source = _use_optimized_cache(options, model, f"{model_sha256}:{profile.name}:{[n for n, _ in wanted]}")
+    session = ort.InferenceSession(str(source), sess_options=options, providers=[n for n, _ in wanted],
+                                   provider_options=[o for _, o in wanted])
+    missing = [name for name, _ in wanted if name not in session.get_providers()]
+    if missing:
+        warn_once(f"profile {profile.name}: {', '.join(missing)} could not start (libraries missing?); "
+                  f"running on {', '.join(session.get_providers())}")
+    return session
+
+
+def _use_optimized_cache(options: ort.SessionOptions, model: Path, identity: str) -> Path:
+    """Load the graph onnxruntime optimized last time for this model, profile, providers and onnxruntime version;
+    else have onnxruntime write it this time."""
+    key = hashlib.sha256(f"{identity}:{ort.__version__}".encode()).hexdigest()[:24]
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-llm" / "optimized"
+    cached = folder / f"{key}.onnx"
+    if cached.is_file():
+        options.graph_optimization_level = LEVELS["disable"]  # already optimized; skip the work
+        return cached
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        options.optimized_model_filepath = str(cached)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{key}.onnx.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    except OSError:
+        pass  # a read-only home only costs the optimization next time
+    return model

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from importlib import metadata
@@ -31,9 +32,17 @@ def _require_extra() -> None:
                               f"pip install 'edge-llm[export]' (on CPU-only machines install torch's CPU build first)") from e
 
 
-def export(src: str, out: str, quant: str = "int4", block_size: int = 32, force: bool = False) -> dict:
-    """Export a checkpoint folder to a bundle at `out`; returns the manifest."""
+def export(src: str, out: str, quant: str | None = None, block_size: int | None = None, force: bool = False,
+           profile: str | None = None) -> dict:
+    """Export a checkpoint folder to a bundle at `out`; returns the manifest.
+
+    profile: a device profile name or .toml path; its quantization is used where quant/block_size are not given,
+    and the bundle records it as its target.
+    """
+    target = _target(profile, quant, block_size)
+    quant, block_size, accuracy = target["quant"], target["block_size"], target["accuracy_level"]
     _require_extra()
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
     import onnx
     import onnxruntime as ort
 
@@ -62,7 +71,8 @@ def export(src: str, out: str, quant: str = "int4", block_size: int = 32, force:
         figures = {"source": validate.source_fidelity(model, tokenizer, reference, shape)}
         log(_describe(figures["source"]))
         stage(5, f"quantizing ({quant})")
-        files = bundle.save_model(quantize.quantize(onnx.load(raw_file), quant, block_size), scratch / "bundle")
+        quantized_model = quantize.quantize(onnx.load(raw_file), quant, block_size, accuracy)
+        files = bundle.save_model(quantized_model, scratch / "bundle")
         if quant != "fp32":
             ids = tokenizer(validate.EVAL_TEXT).input_ids[: shape["context_length"]]
             quantized = ort.InferenceSession(str(scratch / "bundle" / files[0]), providers=["CPUExecutionProvider"])
@@ -70,7 +80,7 @@ def export(src: str, out: str, quant: str = "int4", block_size: int = 32, force:
             log(_describe(figures["quantization"]))
         stage(6, "writing the bundle")
         manifest = _manifest(convert.FAMILIES[config["model_type"]], config, model, tokenizer, source, shape, spec,
-                             quant, block_size, figures)
+                             target, figures)
         manifest.update(_write_tokenizer(tokenizer, scratch / "bundle"))
         manifest = bundle.write_manifest(scratch / "bundle", manifest)
     log(f"done in {time.time() - started:.0f} s: {out_path}")
@@ -98,14 +108,32 @@ def _write_tokenizer(tokenizer, folder: Path) -> dict:
     return entries
 
 
-def _manifest(family: str, config: dict, model, tokenizer, source: Path, shape, spec, quant, block_size, figures) -> dict:
+def _target(profile: str | None, quant: str | None, block_size: int | None) -> dict:
+    """What to produce: the profile's choices (or the defaults), overridden by explicit flags."""
+    from devices import ProfileError, load_profile
+    from devices.profiles import Export
+
+    try:
+        chosen = load_profile(profile) if profile else None
+    except ProfileError as e:
+        raise ExportError(str(e)) from e
+    prefs = chosen.export if chosen else Export()
+    quant = quant or prefs.quant
+    return {"profile": chosen.name if chosen else None, "quant": quant, "block_size": block_size or prefs.block_size,
+            "accuracy_level": prefs.accuracy_level if quant == "int4" else 0}
+
+
+def _manifest(family: str, config: dict, model, tokenizer, source: Path, shape, spec, target: dict, figures) -> dict:
     return {
         "family": family,
         "architecture": (config.get("architectures") or [model.__class__.__name__])[0],
         "source": source.name,
         "model": shape,
         "onnx": {"file": "model.onnx", **spec},
-        "quantization": {"method": quant, **({"block_size": block_size, "symmetric": True} if quant == "int4" else {})},
+        "quantization": {"method": target["quant"], **({"block_size": target["block_size"], "symmetric": True,
+                                                         "accuracy_level": target["accuracy_level"]}
+                                                        if target["quant"] == "int4" else {})},
+        "target": {"profile": target["profile"], "accuracy_level": target["accuracy_level"]} if target["profile"] else None,
         "generation": _generation(model, tokenizer, source),
         "validation": figures,
         "created_by": {name: _version(name) for name in

@@ -20,11 +20,12 @@ FP16_MAX = 65504.0
 INT8_BLOCK = 32  # block size of the int8 lm_head/embedding pair
 
 
-def quantize(model: onnx.ModelProto, method: str, block_size: int = 32) -> onnx.ModelProto:
+def quantize(model: onnx.ModelProto, method: str, block_size: int = 32, accuracy_level: int = 0) -> onnx.ModelProto:
+    """accuracy_level (int4): 0 computes in fp32; 4 quantizes activations to int8 for dot-product kernels."""
     if method not in METHODS:
         raise ExportError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
     if method == "int4":
-        return to_int4(model, block_size)
+        return to_int4(model, block_size, accuracy_level)
     if method == "int8":
         return to_int8(model)
     model = share_tied_embedding(model)
@@ -132,12 +133,13 @@ def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def to_int4(model: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
+def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int = 0) -> onnx.ModelProto:
     """Blockwise symmetric int4 weights (MatMulNBits) for every MatMul with a constant weight, lm_head included."""
     if block_size < 16 or block_size & (block_size - 1):
         raise ExportError(f"--block-size must be a power of two >= 16, not {block_size}")
     share = _shareable(model, block_size)
-    model = _blockwise(model, bits=4, block_size=block_size, ops=("MatMul",) if share else ("MatMul", "Gather"))
+    model = _blockwise(model, bits=4, block_size=block_size, ops=("MatMul",) if share else ("MatMul", "Gather"),
+                       accuracy_level=accuracy_level)
     if share:
         _gather_from_lm_head(model, block_size, bits=4)
     return model
@@ -150,11 +152,12 @@ def _shareable(model: onnx.ModelProto, block_size: int):
     return tied if tied is not None and hidden % block_size == 0 else None
 
 
-def _blockwise(model: onnx.ModelProto, bits: int, block_size: int, ops: tuple[str, ...]) -> onnx.ModelProto:
+def _blockwise(model: onnx.ModelProto, bits: int, block_size: int, ops: tuple[str, ...],
+               accuracy_level: int = 0) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=bits, op_types_to_quantize=ops,
-                                          quant_axes=(("MatMul", 0), ("Gather", 1)))
+                                          quant_axes=(("MatMul", 0), ("Gather", 1)), accuracy_level=accuracy_level or None)
     quantizer = MatMulNBitsQuantizer(model, algo_config=config)
     quantizer.process()
     return quantizer.model.model

@@ -68,7 +68,11 @@ FAMILIES = [
     Family("gemma3", "Gemma3TextConfig", "trained", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16},
            chat_template=GEMMA_TEMPLATE),
 ]
-BY_NAME = {f.name: f for f in FAMILIES}
+# Big enough that weights, not the interpreter, dominate memory (42M parameters): for the memory estimate's test.
+MID = Family("mid", "LlamaConfig", "llama2", {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
+                                              "num_attention_heads": 8, "num_key_value_heads": 4,
+                                              "max_position_embeddings": 1024, "tie_word_embeddings": True})
+BY_NAME = {f.name: f for f in [*FAMILIES, MID]}
 
 
 def write_tokenizer(family: Family, folder: Path) -> None:

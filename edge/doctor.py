@@ -1,0 +1,93 @@
+"""`edge doctor`: what this board is, which profile and providers would be used and why, and what to worry about."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+
+from devices import Device, Profile, choose_profile, load_profile, read_device
+from edge import memory
+from edge.bundle import BundleError, open_bundle
+from edge.engine import resolve as resolve_bundle
+
+MIN_ONNXRUNTIME = (1, 22)  # GatherBlockQuantized over uint8 4/8-bit tables and 8-bit MatMulNBits
+
+
+def report(root: str | Path = "/", bundle: str | Path | None = None, profile: str = "auto",
+           context: int | None = None) -> tuple[list[str], list[str]]:
+    """(lines describing the device, profile, providers and bundle; warnings)."""
+    device = read_device(root)
+    have = tuple(ort.get_available_providers())
+    if profile == "auto":
+        choice = choose_profile(device, gpu="CUDAExecutionProvider" in have)
+        chosen, why = choice.profile, choice.reason
+    else:
+        chosen, why = load_profile(profile), "asked for"
+    lines = describe_device(device) + [f"profile: {chosen.name} ({why})"] + describe_providers(chosen, have)
+    warnings = device_warnings(device, chosen)
+    if bundle is not None:
+        more_lines, more_warnings = describe_bundle(Path(bundle), chosen, device, context)
+        lines += more_lines
+        warnings += more_warnings
+    return lines, warnings
+
+
+def describe_device(d: Device) -> list[str]:
+    cpus = ", ".join(d.cpu_names) or "?"
+    return [
+        f"read under: {d.root}",
+        f"architecture: {d.arch or '?'}; model: {d.model or '-'}",
+        f"device-tree compatible: {', '.join(d.compatible) or '-'}",
+        f"CPU: {d.cores or '?'} cores ({cpus}); int8 dot-product instructions: {'yes' if d.dot_product else 'no'}",
+        f"L4T release: {d.tegra_release or '-'}",
+        f"memory: total {d.mem_total_mb} MB, available {d.mem_available_mb} MB, "
+        f"cgroup limit {str(d.cgroup_limit_mb) + ' MB' if d.cgroup_limit_mb else 'none'}",
+    ]
+
+
+def describe_providers(profile: Profile, have: tuple[str, ...]) -> list[str]:
+    used = [p for p in profile.provider_names if p in have] or ["CPUExecutionProvider"]
+    return [
+        f"profile wants: {', '.join(profile.provider_names)}",
+        f"onnxruntime {ort.__version__} on this machine has: {', '.join(have)}",
+        f"would use: {', '.join(used)} (read back from the session when a model loads)",
+    ]
+
+
+def device_warnings(device: Device, profile: Profile) -> list[str]:
+    warnings = []
+    version = tuple(int(x) for x in ort.__version__.split(".")[:2])
+    if version < MIN_ONNXRUNTIME:
+        warnings.append(f"onnxruntime {ort.__version__} is older than {'.'.join(map(str, MIN_ONNXRUNTIME))}: "
+                        f"int4/int8 bundles will not load")
+    missing = [p for p in profile.provider_names if p not in ort.get_available_providers()]
+    if missing:
+        warnings.append(f"{', '.join(missing)} not in this onnxruntime build: {profile.name} falls back to the CPU")
+    return warnings
+
+
+def describe_bundle(path: Path, profile: Profile, device: Device, context: int | None) -> tuple[list[str], list[str]]:
+    try:
+        bundle = open_bundle(resolve_bundle(path), verify="none")
+    except BundleError as e:
+        return [], [str(e)]
+    manifest = bundle.manifest
+    quant = manifest.get("quantization", {})
+    target = (manifest.get("target") or {}).get("profile")
+    context = min(context or profile.memory.default_context, manifest["model"]["context_length"])
+    need = memory.estimate(bundle, context)
+    have, limit = memory.available_mb(profile, device)
+    lines = [f"bundle: {path} ({manifest['family']}, {quant.get('method', '?')}, "
+             f"accuracy level {quant.get('accuracy_level', 0)}, exported for {target or 'no particular board'})",
+             f"memory at {context} tokens: about {need.total_mb:.0f} MB needed; {limit} allows "
+             f"{'unlimited' if have == float('inf') else f'{have:.0f} MB'}"]
+    warnings = []
+    if need.total_mb > have:
+        warnings.append(f"the model is over the memory budget ({need.total_mb:.0f} > {have:.0f} MB): "
+                        f"use a smaller context or quantization")
+    if quant.get("accuracy_level") == 4 and not device.dot_product:
+        warnings.append("the bundle uses int8 dot-product kernels (accuracy level 4) but this CPU has no "
+                        "asimddp/VNNI: re-export with --profile " + profile.name)
+    if target and target != profile.name:
+        warnings.append(f"the bundle was exported for {target}, this board uses {profile.name}")
+    return lines, warnings

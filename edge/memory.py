@@ -1,0 +1,74 @@
+"""Will the model fit? An estimate of the memory a bundle takes at a context length, checked at load against
+the profile's budget and what the machine really has free, so a load that cannot fit is refused with the numbers
+instead of being killed by the kernel halfway through a reply."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from devices import Device, Profile
+from edge.bundle import Bundle
+
+MB = 1 << 20
+# Measured on x86-64 with onnxruntime 1.32 (tests/test_memory.py checks the sum against real peak RSS):
+RUNTIME_MB = 55  # Python with numpy, onnxruntime and tokenizers imported, before any model
+SESSION_MB = 10  # an onnxruntime session's own structures
+PREPACK = 2.0  # onnxruntime keeps a prepacked copy of constant MatMul weights beside the originals
+TOKENIZER_PER_BYTE = 8  # a tokenizers.Tokenizer takes about 8 bytes of memory per byte of tokenizer.json
+PREFILL_CHUNK = 64  # as edge.generate: prompt tokens per forward pass
+
+
+class MemoryBudgetError(RuntimeError):
+    """The model would not fit; the message names the numbers and what to change."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights_mb: float  # the session's weights: fp16 storage is cast to fp32, MatMul weights are prepacked
+    tokenizer_mb: float  # the tokenizer's vocabulary and merges
+    kv_mb: float  # keys and values of every layer at the full context, twice over (past in, present out)
+    work_mb: float  # the largest transient buffers: a prefill chunk's logits, attention scores, MLP activations
+    runtime_mb: float = RUNTIME_MB  # the interpreter and libraries
+    context: int = 0  # the context length the estimate is for
+
+    @property
+    def total_mb(self) -> float:
+        return self.weights_mb + self.tokenizer_mb + self.kv_mb + self.work_mb + self.runtime_mb
+
+
+def estimate(bundle: Bundle, context: int) -> Estimate:
+    """Peak memory of loading the bundle and generating until `context` tokens are in the cache."""
+    manifest = bundle.manifest
+    shape, files = manifest["model"], manifest["files"]
+    stored = sum(entry["size"] for name, entry in files.items() if name.startswith(manifest["onnx"]["file"]))
+    fp16 = manifest.get("quantization", {}).get("method") == "fp16"
+    weights = PREPACK * stored * (2 if fp16 else 1) + SESSION_MB * MB  # fp16 is widened to fp32 at load
+    tokenizer = TOKENIZER_PER_BYTE * files.get(manifest["tokenizer"]["file"], {}).get("size", 0)
+    kv = 2 * 2 * shape["num_layers"] * shape["num_kv_heads"] * shape["head_dim"] * context * 4
+    logits = 3 * PREFILL_CHUNK * shape["vocab_size"] * 4  # graph output, its copy and the float64 sampling copy
+    scores = 2 * shape["num_heads"] * PREFILL_CHUNK * context * 4
+    mlp = 4 * PREFILL_CHUNK * 4 * shape["hidden_size"] * 4
+    return Estimate(weights / MB, tokenizer / MB, kv / MB, (logits + scores + mlp) / MB, context=context)
+
+
+def available_mb(profile: Profile, device: Device) -> tuple[float, str]:
+    """The memory a model may take here, and what limits it."""
+    limits = []
+    if device.mem_available_mb:
+        limits.append((device.mem_available_mb - profile.memory.reserve_mb, "free memory (MemAvailable) less the reserve"))
+    if device.cgroup_limit_mb:
+        limits.append((device.cgroup_limit_mb - profile.memory.reserve_mb, "this process's cgroup limit less the reserve"))
+    if profile.memory.budget_mb:
+        limits.append((profile.memory.budget_mb, f"profile {profile.name}'s budget"))
+    return min(limits) if limits else (float("inf"), "no known limit")
+
+
+def check(need: Estimate, profile: Profile, device: Device) -> None:
+    have, limit = available_mb(profile, device)
+    if need.total_mb <= have:
+        return
+    raise MemoryBudgetError(
+        f"the model needs about {need.total_mb:.0f} MB (weights {need.weights_mb:.0f} + tokenizer "
+        f"{need.tokenizer_mb:.0f} + KV cache {need.kv_mb:.0f} at {need.context} tokens + work {need.work_mb:.0f} "
+        f"+ runtime {need.runtime_mb:.0f}), "
+        f"but {limit} allows {have:.0f} MB; try a smaller context (context_length / --context) or a smaller "
+        f"quantization (edge export --quant int4)")
