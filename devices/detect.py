@@ -38,6 +38,12 @@ class Device:
         return bool(self.features & {"asimddp", "avx_vnni", "avx512_vnni", "avx512vnni"})
 
     @property
+    def l4t(self) -> str:
+        """The L4T version, e.g. "R36.4.7", from "# R36 (release), REVISION: 4.7, ..."; "" when not a Jetson."""
+        m = re.match(r"#\s*(R\d+) \(release\), REVISION: ([\d.]+)", self.tegra_release)
+        return f"{m.group(1)}.{m.group(2)}" if m else ""
+
+    @property
     def cpu_names(self) -> list[str]:
         return sorted({ARM_PARTS.get(p, p) for p in self.cpu_parts}) or ([self.cpu_model] if self.cpu_model else [])
 
@@ -141,7 +147,7 @@ def _score(profile: Profile, device: Device) -> tuple[int, str]:
         reasons.append(f"model {device.model!r}")
     if score and m.tegra_release and any(device.tegra_release.startswith(f"# {r}") for r in m.tegra_release):
         score += 5
-        reasons.append(f"L4T {device.tegra_release.split(',')[0].lstrip('# ')}")
+        reasons.append(f"L4T {device.l4t}")
     if score and set(device.cpu_parts) & set(m.cpu_parts):
         score += 1
     return score, ", ".join(reasons)

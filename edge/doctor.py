@@ -9,8 +9,7 @@ from devices import Device, Profile, choose_profile, load_profile, read_device
 from edge import memory
 from edge.bundle import BundleError, open_bundle
 from edge.engine import resolve as resolve_bundle
-
-MIN_ONNXRUNTIME = (1, 22)  # GatherBlockQuantized over uint8 4/8-bit tables and 8-bit MatMulNBits
+from edge.session import MIN_ONNXRUNTIME, onnxruntime_version
 
 
 def report(root: str | Path = "/", bundle: str | Path | None = None, profile: str = "auto",
@@ -39,7 +38,7 @@ def describe_device(d: Device) -> list[str]:
         f"architecture: {d.arch or '?'}; model: {d.model or '-'}",
         f"device-tree compatible: {', '.join(d.compatible) or '-'}",
         f"CPU: {d.cores or '?'} cores ({cpus}); int8 dot-product instructions: {'yes' if d.dot_product else 'no'}",
-        f"L4T release: {d.tegra_release or '-'}",
+        f"L4T release: {d.l4t or d.tegra_release or '-'}",
         f"memory: total {d.mem_total_mb} MB, available {d.mem_available_mb} MB, "
         f"cgroup limit {str(d.cgroup_limit_mb) + ' MB' if d.cgroup_limit_mb else 'none'}",
     ]
@@ -56,8 +55,7 @@ def describe_providers(profile: Profile, have: tuple[str, ...]) -> list[str]:
 
 def device_warnings(device: Device, profile: Profile) -> list[str]:
     warnings = []
-    version = tuple(int(x) for x in ort.__version__.split(".")[:2])
-    if version < MIN_ONNXRUNTIME:
+    if onnxruntime_version() < MIN_ONNXRUNTIME:
         warnings.append(f"onnxruntime {ort.__version__} is older than {'.'.join(map(str, MIN_ONNXRUNTIME))}: "
                         f"int4/int8 bundles will not load")
     missing = [p for p in profile.provider_names if p not in ort.get_available_providers()]

@@ -20,6 +20,9 @@ LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+# GatherBlockQuantized with a `bits` attribute (the int4/int8 embedding shared with lm_head) arrived in 1.23:
+# 1.22.0 and older refuse those bundles (checked in fresh environments with 1.20.1, 1.21.1, 1.22.0, 1.23.2, 1.24.4).
+MIN_ONNXRUNTIME = (1, 23)
 _warned: set[str] = set()
 
 
@@ -27,6 +30,10 @@ def warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         print(f"edge: {message}", file=sys.stderr)
+
+
+def onnxruntime_version() -> tuple[int, ...]:
+    return tuple(int(part) for part in ort.__version__.split(".")[:2] if part.isdigit())
 
 
 def session_options(profile: Profile) -> ort.SessionOptions:
@@ -66,8 +73,14 @@ def make_session(model: Path, profile: Profile, model_sha256: str = "") -> ort.I
     source = model
     if profile.session.optimized_model_cache and model_sha256:
         source = _use_optimized_cache(options, model, f"{model_sha256}:{profile.name}:{[n for n, _ in wanted]}")
-    session = ort.InferenceSession(str(source), sess_options=options, providers=[n for n, _ in wanted],
-                                   provider_options=[o for _, o in wanted])
+    try:
+        session = ort.InferenceSession(str(source), sess_options=options, providers=[n for n, _ in wanted],
+                                       provider_options=[o for _, o in wanted])
+    except Exception as e:
+        if onnxruntime_version() < MIN_ONNXRUNTIME:
+            raise RuntimeError(f"onnxruntime {ort.__version__} cannot load {model} ({str(e)[:200]}); edge-llm needs "
+                               f"onnxruntime >= {'.'.join(map(str, MIN_ONNXRUNTIME))}") from e
+        raise
     missing = [name for name, _ in wanted if name not in session.get_providers()]
     if missing:
         warn_once(f"profile {profile.name}: {', '.join(missing)} could not start (libraries missing?); "

@@ -35,7 +35,7 @@ def test_detection_reads_the_board_facts(tmp_path):
     assert not pi4.dot_product and pi4.compatible == ("raspberrypi,4-model-b", "brcm,bcm2711")
     nano = read_device(write_root(tmp_path / "nano", "jetson-nano-l4t"))
     assert nano.tegra_release.startswith("# R32 (release), REVISION: 7.1")
-    assert "L4T R32" in choose_profile(nano).reason
+    assert nano.l4t == "R32.7.1" and "L4T R32.7.1" in choose_profile(nano).reason
 
 
 def test_an_x86_machine_with_cuda_gets_the_gpu_profile(tmp_path):
