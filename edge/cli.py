@@ -60,6 +60,21 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace an existing output folder")
     export.set_defaults(func=cmd_export)
 
+    serve = sub.add_parser("serve", help="a local OpenAI-compatible HTTP endpoint (chat and completions)")
+    serve.add_argument("bundle", nargs="?", default="demo", help="a bundle folder, or 'demo' (default)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--uds", help="listen on this Unix socket instead of TCP")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set EDGE_API_KEY)")
+    serve.add_argument("--api-key-file", help="read the key from this file, so it is not in the process list")
+    serve.add_argument("--profile", default="auto", help="device profile name or .toml path (default: auto)")
+    serve.add_argument("--context", type=int, help="context length to plan for (default: the profile's)")
+    serve.add_argument("--max-queue", type=int, default=8, help="requests that may wait while one generates (8)")
+    serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM (10)")
+    serve.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (1 MB)")
+    serve.add_argument("--model-name", help="the model id /v1/models reports (default: the bundle folder's name)")
+    serve.set_defaults(func=cmd_serve)
+
     devices = sub.add_parser("devices", help="list the device profiles, or show one")
     devices.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     devices.add_argument("name", nargs="?", help="the profile to show")
@@ -166,6 +181,30 @@ def cmd_export(args) -> int:
         print(f"edge: error: the exporter is not installed ({e}); pip install 'edge-llm[export]'", file=sys.stderr)
         return 1
     export(args.src, args.output, quant=args.quant, block_size=args.block_size, force=args.force, profile=args.profile)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    import uvicorn
+
+    import edge
+    from edge.engine import resolve
+    from edge.server import Server, ServerSettings, make_app
+
+    key = args.api_key or os.environ.get("EDGE_API_KEY")
+    if args.api_key_file:
+        key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not key and not args.uds:
+        print(f"edge: warning: listening on {args.host} without an API key: anyone who can reach it can use it",
+              file=sys.stderr)
+    settings = ServerSettings(api_key=key or None, max_queue=args.max_queue, max_body=args.max_body,
+                              model_name=args.model_name or resolve(args.bundle).resolve().name)
+    app = make_app(lambda: edge.load(args.bundle, profile=args.profile, context_length=args.context), settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, uds=args.uds, timeout_graceful_shutdown=args.grace,
+                            log_level="info", access_log=False)
+    Server(config).run()
     return 0
 
 

@@ -31,6 +31,9 @@ class GenerationParams:
     top_p: float = 0.95  # keep the smallest set of tokens whose probability reaches p; 1 turns it off
     min_p: float = 0.05  # drop tokens below min_p times the top token's probability; 0 turns it off
     repetition_penalty: float = 1.0  # >1 discourages tokens already in prompt or output (transformers' rule)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from tokens already generated (-2 to 2)
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated tokens (-2 to 2)
+    top_logprobs: int = 0  # also report this many most likely tokens at each step (0 to 20)
     seed: int | None = None  # fixes the random draws; None draws a fresh seed
     stop: list[str] = field(default_factory=list)  # strings that end generation; not included in the text
 
@@ -39,6 +42,8 @@ class GenerationParams:
             "max_tokens": self.max_tokens >= 0, "temperature": self.temperature >= 0,
             "top_k": self.top_k >= 0, "top_p": 0 < self.top_p <= 1, "min_p": 0 <= self.min_p <= 1,
             "repetition_penalty": self.repetition_penalty > 0,
+            "presence_penalty": -2 <= self.presence_penalty <= 2, "frequency_penalty": -2 <= self.frequency_penalty <= 2,
+            "top_logprobs": 0 <= self.top_logprobs <= 20,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -63,10 +68,12 @@ class Record(NamedTuple):
     token: int  # the token id sampled at this step
     logprob: float  # its log-probability under the model's raw distribution (log-softmax of the logits)
     finish_reason: str | None  # None, "stop" (eos or stop string) or "length"
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token, logprob) of the most likely tokens, when asked
 
 
-def step(model: Model, prompt: Sequence[int], sampler: Sampler, processors: list[Processor]) -> Iterator[tuple[int, float]]:
-    """Prefill the prompt, then yield sampled tokens forever; the consumer decides when to stop."""
+def step(model: Model, prompt: Sequence[int], sampler: Sampler, processors: list[Processor],
+         top_n: int = 0) -> Iterator[tuple[int, float, tuple]]:
+    """Prefill the prompt, then yield (token, logprob, top_n alternatives) forever; the consumer decides when to stop."""
     cache = model.new_cache()
     tokens = np.asarray(prompt, dtype=np.int64)
     for start in range(0, len(tokens), PREFILL_CHUNK):
@@ -77,9 +84,18 @@ def step(model: Model, prompt: Sequence[int], sampler: Sampler, processors: list
         for process in processors:
             scores = process(history, scores)
         token = sampler(scores)
-        yield token, float(log_softmax(logits)[token])
+        logprobs = log_softmax(logits)
+        yield token, float(logprobs[token]), top_tokens(logprobs, top_n)
         history.append(token)
         logits = model.forward(cache, np.array([token], dtype=np.int64))[-1]
+
+
+def top_tokens(logprobs: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
+    if n <= 0:
+        return ()
+    best = np.argpartition(logprobs, -n)[-n:]
+    best = best[np.argsort(-logprobs[best])]
+    return tuple((int(t), float(logprobs[t])) for t in best)
 
 
 def stream(model: Model, tokenizer: Tokenizer, prompt: Sequence[int], params: GenerationParams,
@@ -95,21 +111,23 @@ def stream(model: Model, tokenizer: Tokenizer, prompt: Sequence[int], params: Ge
     if limit == 0:
         return
     sampler = make_sampler(params.temperature, params.top_k, params.top_p, params.min_p, params.seed)
-    steps = step(model, prompt, sampler, make_processors(params.repetition_penalty))
+    processors = make_processors(params.repetition_penalty, params.presence_penalty, params.frequency_penalty,
+                                 len(prompt))
+    steps = step(model, prompt, sampler, processors, params.top_logprobs)
     detok, stops = tokenizer.detokenizer(prompt), StopMatcher(params.stop)
-    for count, (token, logprob) in enumerate(steps, start=1):
+    for count, (token, logprob, top) in enumerate(steps, start=1):
         if token in eos_ids:
             text, _ = stops.finish(detok.flush())
-            yield Record(text, token, logprob, "stop")
+            yield Record(text, token, logprob, "stop", top)
             return
         text, stopped = stops.feed(detok.add(token))
         if not stopped and count == limit:
             tail, stopped = stops.finish(detok.flush())
             text += tail
         if stopped or count == limit:
-            yield Record(text, token, logprob, "stop" if stopped else "length")
+            yield Record(text, token, logprob, "stop" if stopped else "length", top)
             return
-        yield Record(text, token, logprob, None)
+        yield Record(text, token, logprob, None, top)
 
 
 def generate(model: Model, tokenizer: Tokenizer, prompt: Sequence[int], params: GenerationParams,

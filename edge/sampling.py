@@ -18,8 +18,25 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def make_processors(repetition_penalty: float = 1.0) -> list[Processor]:
-    return [repetition_penalty_processor(repetition_penalty)] if repetition_penalty != 1.0 else []
+def make_processors(repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                    prompt_length: int = 0) -> list[Processor]:
+    processors = [repetition_penalty_processor(repetition_penalty)] if repetition_penalty != 1.0 else []
+    if presence_penalty or frequency_penalty:
+        processors.append(openai_penalty_processor(presence_penalty, frequency_penalty, prompt_length))
+    return processors
+
+
+def openai_penalty_processor(presence: float, frequency: float, prompt_length: int) -> Processor:
+    """OpenAI's rule over the tokens generated so far: logit -= count * frequency + (count > 0) * presence."""
+    def apply(tokens: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        generated = np.asarray(tokens[prompt_length:])
+        if not len(generated):
+            return logits
+        ids, counts = np.unique(generated, return_counts=True)
+        logits = logits.copy()
+        logits[ids] -= counts * frequency + presence
+        return logits
+    return apply
 
 
 def repetition_penalty_processor(penalty: float) -> Processor:

@@ -19,6 +19,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=True)
 
+    def decode_one(self, token: int) -> str:
+        """One token's text on its own (for logprobs), special tokens included."""
+        return self.backend.decode([token], skip_special_tokens=False)
+
     def token_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 

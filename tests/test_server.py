@@ -1,0 +1,353 @@
+"""The HTTP endpoint: the real server (uvicorn over TCP and a Unix socket) driven by the official openai client,
+hostile requests, concurrency, the queue limit, client disconnects, API keys and SIGTERM."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+import edge
+from edge.server import ServerSettings, make_app
+
+MESSAGES = [{"role": "system", "content": "You are a storyteller."}, {"role": "user", "content": "Tell me a story 🦙"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def edge_serve(*args: str, port: int | None = None):
+    """`edge serve` in its own process, as a user starts it; yields (process, base url)."""
+    port = port or free_port()
+    process = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", *args, "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(lambda: httpx.get(f"{base}/health", timeout=1))
+        yield process, base
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def wait_healthy(probe, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if probe().status_code == 200:
+                return
+        except (httpx.TransportError, OSError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the server did not become healthy")
+
+
+@contextlib.contextmanager
+def in_process(app):
+    """uvicorn in a thread of this process, for tests that need to look inside the engine."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(lambda: httpx.get(f"{base}/health", timeout=1))
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+class SlowEngine:
+    """The real engine, slowed by a fixed delay per token, counting the tokens it produced."""
+
+    def __init__(self, engine, delay: float):
+        self.engine, self.delay, self.produced = engine, delay, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def stream(self, *args, **kwargs):
+        for record in self.engine.stream(*args, **kwargs):
+            time.sleep(self.delay)
+            self.produced += 1
+            yield record
+
+
+@pytest.fixture(scope="module")
+def chat_server(exports):
+    """`edge serve` on a bundle with a chat template (Qwen3 family, random weights) over TCP."""
+    bundle = exports.bundle("qwen3")
+    with edge_serve(str(bundle), "--model-name", "qwen3-tiny") as (_, base):
+        yield base, edge.load(bundle)
+
+
+@pytest.fixture(scope="module")
+def uds_server(tmp_path_factory):
+    """`edge serve demo` on a Unix socket."""
+    path = str(tmp_path_factory.mktemp("uds") / "edge.sock")
+    process = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", "demo", "--uds", path],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    transport = httpx.HTTPTransport(uds=path)
+    try:
+        wait_healthy(lambda: httpx.Client(transport=transport).get("http://edge/health", timeout=1))
+        yield openai.OpenAI(base_url="http://edge/v1", api_key="unused",
+                            http_client=httpx.Client(transport=httpx.HTTPTransport(uds=path)))
+    finally:
+        process.kill()
+        process.wait()
+
+
+def client(base: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+
+
+def test_chat_and_usage(chat_server):
+    base, engine = chat_server
+    reply = client(base).chat.completions.create(model="qwen3-tiny", messages=MESSAGES, max_tokens=12, temperature=0)
+    choice = reply.choices[0]
+    want = list(engine.stream(messages=MESSAGES, max_tokens=12, temperature=0))
+    assert choice.message.role == "assistant" and choice.message.content == "".join(r.text for r in want)
+    assert choice.finish_reason == want[-1].finish_reason
+    assert reply.usage.prompt_tokens == len(engine.encode(messages=MESSAGES))
+    assert reply.usage.completion_tokens == len(want)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_streamed_equals_non_streamed_and_seed_fixes_it(chat_server):
+    base, _ = chat_server
+    api = client(base)
+    args = dict(model="x", messages=MESSAGES, max_tokens=20, temperature=0.9, seed=42)
+    whole = api.chat.completions.create(**args)
+    pieces, usage, finish = [], None, None
+    for event in api.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}):
+        if event.usage:
+            usage = event.usage
+        for choice in event.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert api.chat.completions.create(**args).choices[0].message.content == whole.choices[0].message.content
+    other = api.chat.completions.create(**{**args, "seed": 7}).choices[0].message.content
+    assert other != whole.choices[0].message.content
+
+
+def test_chat_logprobs(chat_server):
+    base, _ = chat_server
+    reply = client(base).chat.completions.create(model="x", messages=MESSAGES, max_tokens=6, temperature=0,
+                                                 logprobs=True, top_logprobs=3)
+    entries = reply.choices[0].logprobs.content
+    assert len(entries) == reply.usage.completion_tokens
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6  # greedy: the pick is the top one
+
+
+def test_completions_over_a_unix_socket(uds_server):
+    demo = edge.load("demo")
+    want = demo.generate("Once upon a time", max_tokens=30, temperature=0)
+    reply = uds_server.completions.create(model="x", prompt="Once upon a time", max_tokens=30, temperature=0)
+    assert reply.choices[0].text == want and reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 30
+    streamed = "".join(c.choices[0].text for c in uds_server.completions.create(
+        model="x", prompt="Once upon a time", max_tokens=30, temperature=0, stream=True) if c.choices)
+    assert streamed == want
+    stopped = uds_server.completions.create(model="x", prompt="Once upon a time", max_tokens=30, temperature=0,
+                                            stop=["Lily", "zzz"])
+    assert stopped.choices[0].text == want[:want.index("Lily")] and stopped.choices[0].finish_reason == "stop"
+    scored = uds_server.completions.create(model="x", prompt="Once upon a time", max_tokens=4, temperature=0,
+                                           logprobs=2)
+    assert len(scored.choices[0].logprobs.token_logprobs) == 4
+    assert all(len(top) == 2 for top in scored.choices[0].logprobs.top_logprobs)
+    assert uds_server.models.list().data[0].id == "stories260K"
+
+
+def test_max_tokens_beyond_the_context_is_clamped(uds_server):
+    reply = uds_server.completions.create(model="x", prompt="Once upon a time", max_tokens=100_000, temperature=0)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens == 512  # the demo's context
+
+
+HOSTILE = [
+    (b"{not json", 400, None),
+    ('{"messages": "hi"}'.encode(), 400, "messages"),
+    (b'{"messages": []}', 400, "messages"),
+    (b'{"max_tokens": 5}', 400, "messages"),
+    (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), 400, "messages[0].role"),
+    (json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), 400, "messages[0].content"),
+    (json.dumps({"messages": MESSAGES, "max_tokens": -1}).encode(), 400, "max_tokens"),
+    (json.dumps({"messages": MESSAGES, "max_tokens": 10**20}).encode(), 400, "max_tokens"),
+    (json.dumps({"messages": MESSAGES, "temperature": "hot"}).encode(), 400, "temperature"),
+    (json.dumps({"messages": MESSAGES, "temperature": 5}).encode(), 400, "temperature"),
+    (json.dumps({"messages": MESSAGES, "top_p": 0}).encode(), 400, "top_p"),
+    (json.dumps({"messages": MESSAGES, "stop": 3}).encode(), 400, "stop"),
+    (json.dumps({"messages": MESSAGES, "n": 2}).encode(), 400, "n"),
+    (json.dumps({"messages": MESSAGES, "tools": [{"type": "function"}]}).encode(), 400, "tools"),
+    (json.dumps({"messages": MESSAGES, "response_format": {"type": "json_object"}}).encode(), 400, "response_format"),
+    (json.dumps({"messages": MESSAGES, "logit_bias": {"1": 5}}).encode(), 400, "logit_bias"),
+    (json.dumps({"messages": [{"role": "user", "content": "word " * 400}]}).encode(), 400, "messages"),
+    (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None),
+    (b"[1, 2]", 400, None),
+]
+
+
+def test_hostile_requests_get_4xx_and_the_server_carries_on(chat_server):
+    base, _ = chat_server
+    good = {"messages": MESSAGES, "max_tokens": 3, "temperature": 0}
+    want = httpx.post(f"{base}/v1/chat/completions", json=good, timeout=30).json()["choices"][0]["message"]
+    for body, status, param in HOSTILE:
+        response = httpx.post(f"{base}/v1/chat/completions", content=body, timeout=30,
+                              headers={"content-type": "application/json"})
+        assert response.status_code == status, (body[:60], response.text)
+        error = response.json()["error"]
+        assert error["message"] and error["param"] == param, (body[:60], error)
+        again = httpx.post(f"{base}/v1/chat/completions", json=good, timeout=30)
+        assert again.status_code == 200 and again.json()["choices"][0]["message"] == want
+    long = httpx.post(f"{base}/v1/chat/completions", timeout=30,
+                      json={"messages": [{"role": "user", "content": "word " * 400}]}).json()["error"]["message"]
+    assert "tokens but the context holds 256" in long
+    big = httpx.post(f"{base}/v1/chat/completions", content=b"x" * (10 << 20), timeout=30)
+    assert big.status_code == 413 and "limit" in big.json()["error"]["message"]
+    ignored = {**good, "user": "u1", "metadata": {"a": "b"}, "store": False, "frobnicate": 1}
+    assert httpx.post(f"{base}/v1/chat/completions", json=ignored, timeout=30).json()["choices"][0]["message"] == want
+    parts = {**good, "messages": [{"role": "system", "content": [{"type": "text", "text": "You are a storyteller."}]},
+                                  {"role": "user", "content": [{"type": "text", "text": "Tell me a "},
+                                                               {"type": "text", "text": "story 🦙"}]}]}
+    assert httpx.post(f"{base}/v1/chat/completions", json=parts, timeout=30).json()["choices"][0]["message"] == want
+
+
+def test_eight_concurrent_clients(chat_server):
+    base, _ = chat_server
+    args = dict(model="x", messages=MESSAGES, max_tokens=10, temperature=0)
+    want = client(base).chat.completions.create(**args).choices[0].message.content
+    results = [None] * 8
+
+    def ask(i):
+        results[i] = client(base).chat.completions.create(**args).choices[0].message.content
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [want] * 8
+
+
+def test_queue_limit_answers_429():
+    engine = SlowEngine(edge.load("demo"), delay=0.02)
+    app = make_app(engine, ServerSettings(max_queue=1))
+    with in_process(app) as base:
+        statuses, retry_after = [], []
+
+        def ask():
+            r = httpx.post(f"{base}/v1/completions", json={"prompt": "Once", "max_tokens": 25}, timeout=60)
+            statuses.append(r.status_code)
+            retry_after.append(r.headers.get("retry-after"))
+        threads = [threading.Thread(target=ask) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        metrics = httpx.get(f"{base}/metrics").text
+    assert sorted(statuses).count(200) >= 2 and 429 in statuses  # one runs, one waits, the rest are turned away
+    assert "1" in [r for s, r in zip(statuses, retry_after) if s == 429]
+    assert 'edge_requests_total{endpoint="/v1/completions",status="429"}' in metrics
+
+
+def test_client_disconnect_stops_generation_within_two_tokens():
+    engine = SlowEngine(edge.load("demo"), delay=0.05)
+    app = make_app(engine, ServerSettings())
+    with in_process(app) as base:
+        received = 0
+        with httpx.stream("POST", f"{base}/v1/completions", timeout=30,
+                          json={"prompt": "Once upon a time", "max_tokens": 200, "stream": True,
+                                "logprobs": 1}) as response:  # logprobs: one event per token, even partial ones
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    received += 1
+                if received == 5:
+                    break  # hang up mid-stream
+        deadline = time.monotonic() + 10
+        while app.state.edge.gate.lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not app.state.edge.gate.lock.locked(), "the engine was not freed"
+        produced = engine.produced
+        assert received <= produced <= received + 2, (received, produced)
+        # and the engine serves the next client
+        assert httpx.post(f"{base}/v1/completions", json={"prompt": "Once", "max_tokens": 3}, timeout=30).status_code == 200
+
+
+def test_api_key(tmp_path):
+    app = make_app(edge.load("demo"), ServerSettings(api_key="s3cret"))
+    with in_process(app) as base:
+        body = {"prompt": "Once", "max_tokens": 2}
+        assert httpx.post(f"{base}/v1/completions", json=body).status_code == 401
+        assert httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert httpx.post(f"{base}/v1/completions", json=body,
+                          headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(f"{base}/health").status_code == 200
+        assert httpx.get(f"{base}/metrics").status_code == 401
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        assert client(base, "s3cret").models.list().data
+
+
+def test_health_is_503_while_loading():
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(30)
+        return edge.load("demo")
+    app = make_app(slow_load, ServerSettings())
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"{base}/health").status_code == 503
+        assert httpx.post(f"{base}/v1/completions", json={"prompt": "x"}).status_code == 503
+        release.set()
+        wait_healthy(lambda: httpx.get(f"{base}/health", timeout=1), seconds=20)
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_key_from_a_file_and_sigterm_during_a_stream(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("from-a-file\n")
+    with edge_serve("demo", "--api-key-file", str(key_file), "--grace", "5") as (process, base):
+        headers = {"Authorization": "Bearer from-a-file"}
+        with httpx.stream("POST", f"{base}/v1/completions", headers=headers, timeout=30,
+                          json={"prompt": "Once upon a time", "max_tokens": 500, "stream": True}) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(httpx.HTTPError):
+                for _ in lines:
+                    pass
+        assert process.wait(timeout=10) == 0
+        assert time.monotonic() - started < 5 + 2
+    assert os.environ.get("EDGE_API_KEY") is None
