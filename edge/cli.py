@@ -57,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--quant", choices=["fp32", "fp16", "int8", "int4"], help="default: the profile's, else int4")
     export.add_argument("--block-size", type=int, help="int4 block size (default: the profile's, else 32)")
     export.add_argument("--profile", help="the device profile to export for: its quantization, recorded as the target")
+    export.add_argument("--graph", default="auto", choices=["auto", "fast", "optimum"],
+                        help="fast: fused ops and shared KV buffers (Llama, Mistral, Qwen2, Qwen3); optimum: the "
+                             "traced graph (every family); auto (default): fast where covered")
     export.add_argument("--force", action="store_true", help="replace an existing output folder")
     export.set_defaults(func=cmd_export)
 
@@ -180,7 +183,8 @@ def cmd_export(args) -> int:
     except ImportError as e:
         print(f"edge: error: the exporter is not installed ({e}); pip install 'edge-llm[export]'", file=sys.stderr)
         return 1
-    export(args.src, args.output, quant=args.quant, block_size=args.block_size, force=args.force, profile=args.profile)
+    export(args.src, args.output, quant=args.quant, block_size=args.block_size, force=args.force, profile=args.profile,
+           graph=args.graph)
     return 0
 
 

@@ -64,8 +64,7 @@ class Engine:
 
     def logprobs(self, ids: Sequence[int]) -> np.ndarray:
         """Log-probability of each token after the first given the ones before it (for perplexity)."""
-        logits = self.model.forward(self.model.new_cache(), np.asarray(ids, dtype=np.int64))
-        return log_softmax(logits[:-1])[np.arange(len(ids) - 1), ids[1:]]
+        return log_softmax(self.model.score(ids))[np.arange(len(ids) - 1), ids[1:]]
 
     def perplexity(self, text: str) -> float:
         return float(np.exp(-self.logprobs(self.encode(text)).mean()))

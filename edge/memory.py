@@ -25,7 +25,7 @@ class MemoryBudgetError(RuntimeError):
 class Estimate:
     weights_mb: float  # the session's weights: fp16 storage is cast to fp32, MatMul weights are prepacked
     tokenizer_mb: float  # the tokenizer's vocabulary and merges
-    kv_mb: float  # keys and values of every layer at the full context, twice over (past in, present out)
+    kv_mb: float  # keys and values of every layer at the full context (twice over where past and present differ)
     work_mb: float  # the largest transient buffers: a prefill chunk's logits, attention scores, MLP activations
     runtime_mb: float = RUNTIME_MB  # the interpreter and libraries
     context: int = 0  # the context length the estimate is for
@@ -43,8 +43,10 @@ def estimate(bundle: Bundle, context: int) -> Estimate:
     fp16 = manifest.get("quantization", {}).get("method") == "fp16"
     weights = PREPACK * stored * (2 if fp16 else 1) + SESSION_MB * MB  # fp16 is widened to fp32 at load
     tokenizer = TOKENIZER_PER_BYTE * files.get(manifest["tokenizer"]["file"], {}).get("size", 0)
-    kv = 2 * 2 * shape["num_layers"] * shape["num_kv_heads"] * shape["head_dim"] * context * 4
-    logits = 3 * PREFILL_CHUNK * shape["vocab_size"] * 4  # graph output, its copy and the float64 sampling copy
+    shared = manifest["onnx"].get("kv") == "shared-buffer"  # one preallocated buffer, or past in + present out
+    kv = (1 if shared else 2) * 2 * shape["num_layers"] * shape["num_kv_heads"] * shape["head_dim"] * context * 4
+    rows = 1 if manifest["onnx"].get("logits_positions") == "last" else PREFILL_CHUNK
+    logits = 3 * rows * shape["vocab_size"] * 4  # graph output, its copy and the float64 sampling copy
     scores = 2 * shape["num_heads"] * PREFILL_CHUNK * context * 4
     mlp = 4 * PREFILL_CHUNK * 4 * shape["hidden_size"] * 4
     return Estimate(weights / MB, tokenizer / MB, kv / MB, (logits + scores + mlp) / MB, context=context)

@@ -5,7 +5,7 @@ import numpy as np
 
 from devices import Profile
 from edge.bundle import Bundle
-from edge.cache import KVCache
+from edge.cache import KVCache, SharedKVCache
 from edge.session import make_session
 
 
@@ -19,12 +19,26 @@ class Model:
         self.session = make_session(bundle.file(file), profile, bundle.manifest["files"][file]["sha256"])
         self.providers = self.session.get_providers()  # what the session really uses, not what was asked
 
-    def new_cache(self) -> KVCache:
+    @property
+    def last_only(self) -> bool:
+        """The graph returns logits for the last position of each chunk only (the fast graph)."""
+        return self.spec.get("logits_positions") == "last"
+
+    def new_cache(self) -> KVCache | SharedKVCache:
         s = self.shape
+        if self.spec.get("kv") == "shared-buffer":
+            return SharedKVCache(self.session, self.spec, s["num_layers"], s["num_kv_heads"], s["head_dim"],
+                                 self.context_length, s["vocab_size"])
         return KVCache(self.spec, s["num_layers"], s["num_kv_heads"], s["head_dim"])
 
-    def forward(self, cache: KVCache, tokens: np.ndarray) -> np.ndarray:
-        """Logits (len(tokens), vocab) for the tokens, which are appended to the cache."""
-        outputs = self.session.run(cache.output_names, cache.feeds(tokens))
-        cache.update(outputs[1:], len(tokens))
-        return outputs[0][0]
+    def forward(self, cache: KVCache | SharedKVCache, tokens: np.ndarray) -> np.ndarray:
+        """Logits for the tokens, which are appended to the cache: one row per token, or only the last row when
+        the graph computes the last position alone."""
+        return cache.run(self.session, np.asarray(tokens, dtype=np.int64))
+
+    def score(self, ids) -> np.ndarray:
+        """Logits predicting ids[1:], one row per position 0 .. n-2 (teacher forcing)."""
+        cache = self.new_cache()
+        if not self.last_only:
+            return self.forward(cache, np.asarray(ids))[:-1]
+        return np.concatenate([self.forward(cache, np.asarray([t])) for t in ids[:-1]])

@@ -99,7 +99,7 @@ def io_names(model_proto) -> dict:
         "present_key": "present.{layer}.key", "present_value": "present.{layer}.value",
         "logits": "logits", "kv_dtype": "float32",
     }
-    need_in = {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.0.value"}
+    need_in = {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.0.value"}  # both graphs
     need_out = {"logits", "present.0.key", "present.0.value"}
     if not need_in <= inputs or not need_out <= outputs:
         raise ExportError(f"the exported graph has unexpected inputs {sorted(inputs)} / outputs {sorted(outputs)}")

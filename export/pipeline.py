@@ -33,11 +33,13 @@ def _require_extra() -> None:
 
 
 def export(src: str, out: str, quant: str | None = None, block_size: int | None = None, force: bool = False,
-           profile: str | None = None) -> dict:
+           profile: str | None = None, graph: str = "auto") -> dict:
     """Export a checkpoint folder to a bundle at `out`; returns the manifest.
 
     profile: a device profile name or .toml path; its quantization is used where quant/block_size are not given,
     and the bundle records it as its target.
+    graph: "fast" (fused ops, shared KV buffers: Llama, Mistral, Qwen2, Qwen3), "optimum" (the traced graph, every
+    family), or "auto": fast where the family is covered, else optimum.
     """
     target = _target(profile, quant, block_size)
     quant, block_size, accuracy = target["quant"], target["block_size"], target["accuracy_level"]
@@ -47,6 +49,7 @@ def export(src: str, out: str, quant: str | None = None, block_size: int | None 
     import onnxruntime as ort
 
     from export import bundle, convert, quantize, validate
+    from export import graph as fast_graph
 
     if quant not in quantize.METHODS:
         raise ExportError(f"unknown --quant {quant!r}; choose one of {', '.join(quantize.METHODS)}")
@@ -62,10 +65,15 @@ def export(src: str, out: str, quant: str | None = None, block_size: int | None 
     if not tokenizer.is_fast:
         raise ExportError(f"{source}: the tokenizer has no fast (tokenizer.json) form; the runtime needs one")
     shape = convert.model_shape(model.config)
+    kind = _graph_kind(graph, model.config)
+    if kind == "fast":
+        shape["context_length"] = min(shape["context_length"], fast_graph.MAX_ROTARY_POSITIONS)
     with bundle.staging(out_path, force) as scratch:
-        stage(3, "exporting to ONNX with a KV cache (optimum)")
-        raw_file = convert.to_onnx(model, scratch / "onnx")
+        stage(3, f"exporting to ONNX with a KV cache ({'fused ops, built from the weights' if kind == 'fast' else 'optimum'})")
+        raw_file = _to_onnx(kind, model, shape, scratch / "onnx")
         spec = convert.io_names(onnx.load(raw_file, load_external_data=False))
+        spec.update({"graph": kind, "kv": "shared-buffer" if kind == "fast" else "growing",
+                     "logits_positions": "last" if kind == "fast" else "all"})
         reference = ort.InferenceSession(str(raw_file), providers=["CPUExecutionProvider"])
         stage(4, "checking the ONNX graph against the source model")
         figures = {"source": validate.source_fidelity(model, tokenizer, reference, shape)}
@@ -106,6 +114,34 @@ def _write_tokenizer(tokenizer, folder: Path) -> dict:
         (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
         entries["chat_template"] = "chat_template.jinja"
     return entries
+
+
+def _graph_kind(graph: str, config) -> str:
+    from export import graph as fast_graph
+
+    reason = fast_graph.unsupported(config)
+    if graph == "fast" and reason:
+        raise ExportError(f"--graph fast: {reason}; use --graph optimum")
+    if graph not in ("auto", "fast", "optimum"):
+        raise ExportError(f"--graph must be auto, fast or optimum, not {graph!r}")
+    if graph == "auto" and reason:
+        log(f"fast graph not available ({reason}): using optimum's graph")
+    return "optimum" if graph == "optimum" or reason else "fast"
+
+
+def _to_onnx(kind: str, model, shape: dict, folder: Path) -> Path:
+    import onnx
+
+    from export import convert
+    from export import graph as fast_graph
+
+    if kind == "optimum":
+        return convert.to_onnx(model, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    file = folder / "model.onnx"
+    onnx.save_model(fast_graph.build(model, shape["context_length"]), file, save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+    return file
 
 
 def _target(profile: str | None, quant: str | None, block_size: int | None) -> dict:

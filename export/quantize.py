@@ -124,7 +124,8 @@ def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
         # External data on both sides: a model over 2 GB cannot be one protobuf file.
         onnx.save(model, src, save_as_external_data=True, location="fp32.onnx.data")
         quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-                         nodes_to_exclude=head, use_external_data_format=True)
+                         nodes_to_exclude=head, use_external_data_format=True,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # contrib ops defeat shape inference
         model = onnx.load(dst)
     if not share:
         return share_tied_embedding(model)

@@ -36,6 +36,8 @@ def decisive_prefix(logits: np.ndarray) -> int:
 def test_fp32_bundle_matches_transformers(exports, name):
     checkpoint, bundle = exports.checkpoint(name), exports.bundle(name)
     engine = edge.load(bundle)
+    fast = name.split("-")[0].rstrip(".0123456789") in ("smollm", "tinyllama", "llama", "qwen", "mistral")
+    assert engine.bundle.manifest["onnx"]["graph"] == ("fast" if fast else "optimum")
     prompt = engine.encode(PROMPT)
     assert prompt == AutoTokenizer.from_pretrained(checkpoint)(PROMPT).input_ids
     want_tokens, want_logits = reference(checkpoint, prompt)

@@ -1,0 +1,181 @@
+"""The fast graph: the decoder built directly from the checkpoint's weights with onnxruntime's fused CPU ops.
+
+Why build instead of rewriting optimum's export: optimum's traced graph spells attention and RMSNorm out in
+dozens of primitive ops whose shapes vary by family and transformers version; pattern-matching them back into
+fused ops is brittle. The decoder itself is a short, well-known recipe, so we write it out once:
+
+    Gather (embedding) -> per layer: [Skip]SimplifiedLayerNormalization -> q/k/v MatMul (+bias; Qwen3 q/k RMSNorm)
+    -> GroupQueryAttention (rotary fused, past/present KV in one buffer) -> o MatMul -> SkipSimplifiedLayerNorm
+    -> gate/up MatMul, SiLU, down MatMul -> final norm -> lm_head on the last position only.
+
+MatMul weights are plain fp32 initializers named like optimum's (`/lm_head/MatMul`, a Gather on `input_ids`),
+so export.quantize turns them into MatMulNBits and shares the tied embedding exactly as for the slow graph.
+Inputs: input_ids, attention_mask (past + new tokens), past_key_values.{i}.key/value; outputs: logits of the last
+position, present.{i}.key/value. The runtime binds past and present of a layer to the same buffer.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from export.errors import ExportError
+
+FUSED_FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
+MAX_ROTARY_POSITIONS = 32768  # cos/sin tables beyond this cost memory no small board has context for
+
+
+class Builder:
+    """Accumulates nodes and initializers; each node gets a unique name and output names."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, name: str | None = None,
+           domain: str = "", **attrs) -> str | list[str]:
+        self.count += 1
+        name = name or f"/{op_type}_{self.count}"
+        names = outputs if isinstance(outputs, list) else [f"{name}/out{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=name, domain=domain, **attrs))
+        return names[0] if len(names) == 1 else names
+
+
+def unsupported(config) -> str | None:
+    """Why the fast graph cannot express this model, or None when it can."""
+    if config.model_type not in FUSED_FAMILIES:
+        return f"the fast graph does not cover {config.model_type} yet"
+    if _shape(config)["head_dim"] % 16:
+        return f"GroupQueryAttention needs a head size that is a multiple of 16, not {_shape(config)['head_dim']}"
+    return None
+
+
+def build(model, context_length: int) -> onnx.ModelProto:
+    """The fused fp32 graph of a transformers Llama/Mistral/Qwen2/Qwen3 model (in eval mode, on the CPU)."""
+    config = model.config
+    reason = unsupported(config)
+    if reason:
+        raise ExportError(reason)
+    weights = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    shape = _shape(config)
+    b = Builder()
+    seqlens, total = _sequence_lengths(b)
+    cos, sin = _rotary_tables(b, model, shape, context_length)
+    hidden = b.op("Gather", [b.weight("model.embed_tokens.weight", weights["model.embed_tokens.weight"]), "input_ids"],
+                  name="/model/embed_tokens/Gather")
+    residual, pending = hidden, None
+    for i in range(shape["layers"]):
+        normed, residual = _norm(b, pending, residual, weights[f"model.layers.{i}.input_layernorm.weight"],
+                                 config.rms_norm_eps, f"/model/layers.{i}/input_layernorm")
+        attention = _attention(b, normed, weights, i, shape, config, seqlens, total, cos, sin)
+        normed, residual = _norm(b, attention, residual, weights[f"model.layers.{i}.post_attention_layernorm.weight"],
+                                 config.rms_norm_eps, f"/model/layers.{i}/post_attention_layernorm")
+        pending = _mlp(b, normed, weights, i)
+    final, _ = _norm(b, pending, residual, weights["model.norm.weight"], config.rms_norm_eps, "/model/norm")
+    last = b.op("Slice", [final, b.weight("last_start", np.array([-1])), b.weight("last_end", np.array([2**62])),
+                          b.weight("last_axis", np.array([1]))], name="/model/last_position")
+    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    b.op("MatMul", [last, b.weight("lm_head.weight.T", head.T)], ["logits"], name="/lm_head/MatMul")
+    return _model(b, shape, config)
+
+
+def _shape(config) -> dict:
+    heads = config.num_attention_heads
+    return {"layers": config.num_hidden_layers, "heads": heads,
+            "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+            "hidden": config.hidden_size, "vocab": config.vocab_size}
+
+
+def _sequence_lengths(b: Builder) -> tuple[str, str]:
+    """GroupQueryAttention's seqlens_k (tokens so far - 1) and total length, from the attention mask."""
+    summed = b.op("ReduceSum", ["attention_mask", b.weight("mask_axis", np.array([1]))], keepdims=0,
+                  name="/model/mask_sum")
+    seqlens = b.op("Cast", [b.op("Sub", [summed, b.weight("one", np.array(1, dtype=np.int64))])], to=TensorProto.INT32,
+                   name="/model/seqlens_k")
+    length = b.op("Gather", [b.op("Shape", ["attention_mask"]), b.weight("axis1", np.array(1))], axis=0)
+    total = b.op("Cast", [length], to=TensorProto.INT32, name="/model/total_sequence_length")
+    return seqlens, total
+
+
+def _rotary_tables(b: Builder, model, shape: dict, context_length: int) -> tuple[str, str]:
+    """cos/sin of position x inverse frequency, from the model's own rotary module (so every rope scaling type
+    that transformers computes up front, default, linear, llama3, comes out exactly)."""
+    rotary = model.model.rotary_emb
+    inv_freq = rotary.inv_freq.detach().double().numpy()
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    positions = np.arange(min(context_length, MAX_ROTARY_POSITIONS), dtype=np.float64)
+    angles = np.outer(positions, inv_freq)
+    return (b.weight("cos_cache", (np.cos(angles) * scaling).astype(np.float32)),
+            b.weight("sin_cache", (np.sin(angles) * scaling).astype(np.float32)))
+
+
+def _norm(b: Builder, new: str | None, residual: str, gamma: np.ndarray, eps: float, name: str) -> tuple[str, str]:
+    """RMSNorm of residual + new; returns (normed, the new residual). The first layer has nothing to add yet."""
+    weight = b.weight(f"{name[1:].replace('/', '.')}.weight", gamma)
+    if new is None:
+        return b.op("SimplifiedLayerNormalization", [residual, weight], name=name, epsilon=eps, axis=-1), residual
+    b.op("SkipSimplifiedLayerNormalization", [new, residual, weight], [f"{name}/output", "", "", f"{name}/sum"],
+         name=name, domain="com.microsoft", epsilon=eps)
+    return f"{name}/output", f"{name}/sum"
+
+
+def _linear(b: Builder, x: str, weights: dict, prefix: str) -> str:
+    """x @ W.T (+ bias), with the weight stored transposed as a MatMul initializer for the quantizer."""
+    y = b.op("MatMul", [x, b.weight(f"{prefix}.weight.T", weights[f"{prefix}.weight"].T)], name=f"/{prefix}/MatMul")
+    if f"{prefix}.bias" in weights:
+        y = b.op("Add", [y, b.weight(f"{prefix}.bias", weights[f"{prefix}.bias"])], name=f"/{prefix}/Add")
+    return y
+
+
+def _attention(b: Builder, x: str, weights: dict, i: int, shape: dict, config, seqlens: str, total: str,
+               cos: str, sin: str) -> str:
+    prefix = f"model.layers.{i}.self_attn"
+    q, k, v = (_linear(b, x, weights, f"{prefix}.{p}_proj") for p in "qkv")
+    if f"{prefix}.q_norm.weight" in weights:  # Qwen3: RMSNorm over each head before rotary
+        q = _head_norm(b, q, weights[f"{prefix}.q_norm.weight"], shape["heads"], config.rms_norm_eps, f"{prefix}.q_norm")
+        k = _head_norm(b, k, weights[f"{prefix}.k_norm.weight"], shape["kv_heads"], config.rms_norm_eps,
+                       f"{prefix}.k_norm")
+    window = getattr(config, "sliding_window", None)
+    use_window = window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False))
+    out, _, _ = b.op("GroupQueryAttention", [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
+                                       total, cos, sin],
+               [f"/{prefix}/output", f"present.{i}.key", f"present.{i}.value"], name=f"/{prefix}/GroupQueryAttention",
+               domain="com.microsoft", num_heads=shape["heads"], kv_num_heads=shape["kv_heads"], do_rotary=1,
+               rotary_interleaved=0, local_window_size=int(window) if use_window else -1)
+    return _linear(b, out, weights, f"{prefix}.o_proj")
+
+
+def _head_norm(b: Builder, x: str, gamma: np.ndarray, heads: int, eps: float, name: str) -> str:
+    split = b.op("Reshape", [x, b.weight(f"{name}.split", np.array([0, 0, heads, gamma.shape[0]]))])
+    normed = b.op("SimplifiedLayerNormalization", [split, b.weight(f"{name}.weight", gamma)], epsilon=eps, axis=-1)
+    return b.op("Reshape", [normed, b.weight(f"{name}.join", np.array([0, 0, heads * gamma.shape[0]]))])
+
+
+def _mlp(b: Builder, x: str, weights: dict, i: int) -> str:
+    prefix = f"model.layers.{i}.mlp"
+    gate, up = _linear(b, x, weights, f"{prefix}.gate_proj"), _linear(b, x, weights, f"{prefix}.up_proj")
+    silu = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
+    return _linear(b, b.op("Mul", [silu, up]), weights, f"{prefix}.down_proj")
+
+
+def _model(b: Builder, shape: dict, config) -> onnx.ModelProto:
+    kv = ["batch_size", shape["kv_heads"], "past_sequence_length", shape["head_dim"]]
+    present = ["batch_size", shape["kv_heads"], "total_sequence_length", shape["head_dim"]]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_length"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", 1, shape["vocab"]])]
+    for i in range(shape["layers"]):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present))
+    graph = helper.make_graph(b.nodes, f"edge-{config.model_type}", inputs, outputs, b.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="edge-llm")
+    model.ir_version = 8
+    return model

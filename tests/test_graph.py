@@ -1,0 +1,70 @@
+"""The fast graph: fused onnxruntime ops, KV buffers shared between past and present, no copy per step."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import edge
+from export.errors import ExportError
+from export.pipeline import export
+
+
+def ops(bundle) -> set[str]:
+    return {n.op_type for n in onnx.load(bundle / "model.onnx", load_external_data=False).graph.node}
+
+
+def test_the_graph_uses_fused_ops_and_returns_the_last_position(exports):
+    bundle = exports.bundle("qwen3")
+    used = ops(bundle)
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"} <= used
+    assert not used & {"Softmax", "Pow", "ReduceMean", "Sqrt"}  # no spelled-out attention or RMSNorm
+    model = onnx.load(bundle / "model.onnx", load_external_data=False)
+    logits = next(o for o in model.graph.output if o.name == "logits")
+    assert logits.type.tensor_type.shape.dim[1].dim_value == 1
+    onnx_spec = edge.load(bundle).bundle.manifest["onnx"]
+    assert (onnx_spec["graph"], onnx_spec["kv"], onnx_spec["logits_positions"]) == ("fast", "shared-buffer", "last")
+
+
+def test_kv_buffers_are_shared_and_never_copied(exports):
+    engine = edge.load(exports.bundle("qwen3"), context_length=64)
+    cache = engine.model.new_cache()
+    addresses = [[buffer.data_ptr() for buffer in pair] for pair in cache.buffers]
+    assert all(buffer.shape() == [1, 2, 64, 32] for pair in cache.buffers for buffer in pair)  # sized to the context
+    logits = engine.model.forward(cache, np.array(engine.encode("Hello there, how are you?")))
+    for _ in range(10):
+        logits = engine.model.forward(cache, np.array([int(np.argmax(logits[-1]))]))
+        assert [[buffer.data_ptr() for buffer in pair] for pair in cache.buffers] == addresses
+    bound = [value.data_ptr() for value in cache.binding.get_outputs()]
+    assert set(bound) >= {ptr for pair in addresses for ptr in pair}  # present outputs are the past buffers
+
+
+def test_a_full_cache_is_refused(exports):
+    engine = edge.load(exports.bundle("qwen3"), context_length=32)
+    cache = engine.model.new_cache()
+    engine.model.forward(cache, np.arange(30))
+    with pytest.raises(ValueError, match="holds 32 tokens"):
+        engine.model.forward(cache, np.arange(3))
+
+
+def test_int4_fast_graph_for_a_dot_product_board(exports, tmp_path):
+    manifest = export(str(exports.checkpoint("llama3.2")), str(tmp_path / "b"), profile="raspberry-pi-5")
+    assert manifest["onnx"]["graph"] == "fast" and manifest["quantization"]["accuracy_level"] == 4
+    model = onnx.load(tmp_path / "b" / "model.onnx", load_external_data=False)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(a.i == 4 for n in nbits for a in n.attribute if a.name == "accuracy_level")
+    table = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in nbits if "lm_head" in n.name)
+    assert table.input[0] == head.input[1]
+    engine = edge.load(tmp_path / "b", profile="raspberry-pi-5")
+    assert len(list(engine.stream("The little robot", temperature=0, max_tokens=8))) >= 1
+
+
+def test_the_optimum_graph_stays_available(exports, tmp_path):
+    manifest = export(str(exports.checkpoint("qwen3")), str(tmp_path / "slow"), quant="fp32", graph="optimum")
+    assert manifest["onnx"]["graph"] == "optimum" and manifest["onnx"]["kv"] == "growing"
+    slow, fast = edge.load(tmp_path / "slow"), edge.load(exports.bundle("qwen3"))
+    args = dict(temperature=0, max_tokens=12)
+    assert [r.token for r in slow.stream("Hello", **args)] == [r.token for r in fast.stream("Hello", **args)]
+    with pytest.raises(ExportError, match="does not cover gemma2"):
+        export(str(exports.checkpoint("gemma2")), str(tmp_path / "g"), quant="fp32", graph="fast")
