@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from edge.model import Model
-from edge.sampling import Processor, Sampler, log_softmax, make_processors, make_sampler
+from edge.sampling import Processor, Sampler, log_softmax, logprob, make_processors, make_sampler
 from edge.tokenizer import Tokenizer
 
 PREFILL_CHUNK = 64  # prompt tokens per forward pass: bounds the (chunk x vocab) logits buffer on small boards
@@ -84,8 +84,11 @@ def step(model: Model, prompt: Sequence[int], sampler: Sampler, processors: list
         for process in processors:
             scores = process(history, scores)
         token = sampler(scores)
-        logprobs = log_softmax(logits)
-        yield token, float(logprobs[token]), top_tokens(logprobs, top_n)
+        if top_n:
+            logprobs = log_softmax(logits)
+            yield token, float(logprobs[token]), top_tokens(logprobs, top_n)
+        else:
+            yield token, logprob(logits, token), ()
         history.append(token)
         logits = model.forward(cache, np.array([token], dtype=np.int64))[-1]
 

@@ -13,6 +13,12 @@ Sampler = Callable[[np.ndarray], int]
 Processor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 
 
+def logprob(logits: np.ndarray, token: int) -> float:
+    """log_softmax(logits)[token] in one pass over the vocabulary, without the full array."""
+    top = logits.max()
+    return float(logits[token] - top - np.log(np.exp(logits - top).sum()))
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
@@ -95,13 +101,23 @@ def _top_p(p: float):
         return None
 
     def apply(logits: np.ndarray) -> np.ndarray:
-        order = np.argsort(logits)  # ascending, as transformers sorts
-        probs = np.exp(logits[order] - logits.max())
-        cumulative = np.cumsum(probs / probs.sum())
-        remove = cumulative <= 1 - p
-        remove[-1] = False  # always keep the most likely token
-        out = logits.copy()
-        out[order[remove]] = -np.inf
+        # transformers sorts the whole vocabulary; the nucleus only needs the top tokens, so sort a partial
+        # selection and widen it until it holds the nucleus (exact: the result is the same set).
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        width = min(256, len(logits))
+        while True:
+            top = np.argpartition(-probs, width - 1)[:width] if width < len(logits) else np.arange(len(logits))
+            top = top[np.argsort(probs[top], kind="stable")[::-1]]  # descending
+            cumulative = np.cumsum(probs[top])
+            if cumulative[-1] > p or width == len(logits):
+                break
+            width = min(width * 4, len(logits))
+        # Keep the tokens transformers keeps: those whose ascending cumulative mass exceeds 1 - p, i.e. the
+        # descending prefix up to and including the first token that brings the mass to at least p.
+        keep = top[: int(np.searchsorted(cumulative, p, side="left")) + 1]
+        out = np.full_like(logits, -np.inf)
+        out[keep] = logits[keep]
         return out
     return apply
 

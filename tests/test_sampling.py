@@ -86,3 +86,19 @@ def test_top_k_one_always_picks_the_top():
 def test_log_softmax_normalises():
     lp = log_softmax(np.random.default_rng(6).normal(size=30))
     assert np.isclose(np.exp(lp).sum(), 1.0)
+
+
+@pytest.mark.parametrize("scale, top_p", [(0.3, 0.9), (3.0, 0.5), (8.0, 0.999)])
+def test_top_p_partial_selection_is_exact_on_a_large_vocabulary(scale, top_p):
+    # flat logits put thousands of tokens in the nucleus, which makes the partial selection widen
+    logits = np.random.default_rng(9).normal(0, scale, size=150_000).astype(np.float32)
+    ours = make_warper(temperature=1.0, top_p=top_p)(logits)
+    theirs = transformers_warp(logits, 1.0, 0, top_p, 0.0)
+    assert np.array_equal(np.isinf(ours), np.isinf(theirs))
+
+
+def test_logprob_matches_log_softmax():
+    from edge.sampling import logprob
+
+    logits = np.random.default_rng(10).normal(0, 4, size=5000)
+    assert np.isclose(logprob(logits, 123), log_softmax(logits)[123])
