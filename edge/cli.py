@@ -78,6 +78,20 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", help="the model id /v1/models reports (default: the bundle folder's name)")
     serve.set_defaults(func=cmd_serve)
 
+    bench = sub.add_parser("bench", help="speed and memory of a bundle, each run in a fresh process")
+    bench.add_argument("bundle", help="a bundle folder, or 'demo'")
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--runs", type=int, default=5)
+    bench.add_argument("--threads", type=int, default=0, help="intra-op threads (default: the profile's)")
+    bench.add_argument("--profile", default="auto")
+    bench.add_argument("--compare", metavar="HF_DIR", help="also build and run the peers from this checkpoint")
+    bench.add_argument("--peers", default="genai,optimum,llamacpp", help="which peers --compare runs")
+    bench.add_argument("--genai-venv", help="a virtual environment with onnxruntime-genai and transformers 5.x "
+                                           "(created under ~/.cache/edge-llm/peers when missing)")
+    bench.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bench.set_defaults(func=cmd_bench)
+
     devices = sub.add_parser("devices", help="list the device profiles, or show one")
     devices.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     devices.add_argument("name", nargs="?", help="the profile to show")
@@ -209,6 +223,22 @@ def cmd_serve(args) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, uds=args.uds, timeout_graceful_shutdown=args.grace,
                             log_level="info", access_log=False)
     Server(config).run()
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    from edge.bench import alternate, edge_runner, table
+    from edge.engine import resolve
+
+    runners = {"edge": edge_runner(str(resolve(args.bundle)), args.threads, args.profile)}
+    if args.compare:
+        from edge.peers import runners as peer_runners
+
+        runners.update(peer_runners(args.compare, args.peers.split(","), args.threads, args.genai_venv))
+    results = alternate(runners, args.prompt_tokens, args.new_tokens, args.runs)
+    print(json.dumps(results, indent=2) if args.json else table(results))
     return 0
 
 

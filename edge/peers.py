@@ -1,0 +1,171 @@
+"""The peers `edge bench --compare HF_DIR` runs beside edge-llm, built from the same checkpoint.
+
+Each peer runs one measurement per fresh process, like edge-llm's own runs, so that load time and peak RSS are
+its own. None of them is a dependency of edge-llm:
+- genai: onnxruntime-genai's builder (int4, block 32, accuracy level 4, CPU) and its generator, from a virtual
+  environment of its own because its builder needs transformers 5.x (created on first use).
+- optimum: optimum's ORTModelForCausalLM on optimum's exported graph, quantized with the same MatMulNBits recipe
+  as ours (in this environment, from the export extra).
+- llamacpp: llama-cpp-python with a q4_0 GGUF, when it is installed (it builds from source for ~30 minutes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-llm" / "peers"
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer that cannot run here; `--compare` skips it and says why."""
+
+
+GENAI_CHILD = r"""
+import json, sys, time, resource
+import numpy as np
+import onnxruntime_genai as og
+folder, prompt_tokens, new_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+start = time.perf_counter()
+model = og.Model(folder)
+load = time.perf_counter() - start
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=prompt_tokens + new_tokens, min_length=prompt_tokens + new_tokens, do_sample=False)
+generator = og.Generator(model, params)
+vocab = json.load(open(folder + "/genai_config.json"))["model"]["vocab_size"]
+prompt = np.random.default_rng(0).integers(3, min(vocab, 30000), size=prompt_tokens).astype(np.int32)
+t0 = time.perf_counter()
+generator.append_tokens(prompt)
+first = time.perf_counter()
+count = 0
+while not generator.is_done() and count < new_tokens:
+    generator.generate_next_token()
+    count += 1
+end = time.perf_counter()
+peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
+print(json.dumps({"load_s": load, "ttft_s": first - t0, "prefill_tok_s": prompt_tokens / (first - t0),
+                  "decode_tok_s": count / (end - first), "peak_rss_mb": peak, "tokens": count}))
+"""
+
+OPTIMUM_CHILD = r"""
+import json, sys, time
+import numpy as np, torch
+from optimum.onnxruntime import ORTModelForCausalLM
+import onnxruntime as ort
+folder, prompt_tokens, new_tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+options = ort.SessionOptions()
+options.intra_op_num_threads = threads
+start = time.perf_counter()
+model = ORTModelForCausalLM.from_pretrained(folder, session_options=options, use_cache=True, use_io_binding=False)
+load = time.perf_counter() - start
+vocab = model.config.vocab_size
+ids = torch.tensor([np.random.default_rng(0).integers(3, min(vocab, 30000), size=prompt_tokens)])
+def run(n):
+    t = time.perf_counter()
+    model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return time.perf_counter() - t
+first = run(1)
+total = run(new_tokens)
+peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
+print(json.dumps({"load_s": load, "ttft_s": first, "prefill_tok_s": prompt_tokens / first,
+                  "decode_tok_s": (new_tokens - 1) / max(total - first, 1e-9), "peak_rss_mb": peak,
+                  "tokens": new_tokens}))
+"""
+
+
+def child(python: str, script: str, *args) -> dict:
+    done = subprocess.run([python, "-c", script, *map(str, args)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"peer run failed: {done.stderr.strip()[-800:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def genai_runner(hf_dir: Path, threads: int, venv: str | None):
+    python = Path(venv or CACHE / "genai") / "bin" / "python"
+    if not python.exists():
+        _make_genai_venv(python.parent.parent)
+    out = CACHE / f"genai-{_key(hf_dir)}"
+    if not (out / "genai_config.json").exists():
+        build = [str(python), "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out), "-p", "int4",
+                 "-e", "cpu", "-c", str(CACHE / "genai-hf-cache"), "--extra_options", "int4_block_size=32",
+                 "int4_accuracy_level=4"]
+        done = subprocess.run(build, capture_output=True, text=True)
+        if done.returncode != 0:
+            shutil.rmtree(out, ignore_errors=True)
+            raise PeerUnavailable(f"onnxruntime-genai's builder failed: {done.stderr.strip()[-600:]}")
+    _set_genai_threads(out / "genai_config.json", threads)
+    return lambda prompt_tokens, new_tokens: child(str(python), GENAI_CHILD, out, prompt_tokens, new_tokens)
+
+
+def _make_genai_venv(folder: Path) -> None:
+    print(f"edge bench: creating {folder} for onnxruntime-genai (transformers 5.x, torch)", file=sys.stderr)
+    steps = [[sys.executable, "-m", "venv", str(folder)],
+             [str(folder / "bin" / "pip"), "install", "-q", "torch==2.13.0"],  # the CPU build, before anything pulls CUDA
+             [str(folder / "bin" / "pip"), "install", "-q", "onnxruntime-genai", "transformers>=5", "onnx", "onnx-ir"]]
+    for step in steps:
+        if subprocess.run(step).returncode != 0:
+            raise PeerUnavailable(f"could not set up {folder}: {' '.join(step)} failed")
+
+
+def _set_genai_threads(config: Path, threads: int) -> None:
+    data = json.loads(config.read_text())
+    options = data["model"]["decoder"].setdefault("session_options", {})
+    if threads:
+        options["intra_op_num_threads"] = threads
+    else:
+        options.pop("intra_op_num_threads", None)
+    config.write_text(json.dumps(data, indent=2))
+
+
+def optimum_runner(hf_dir: Path, threads: int):
+    """optimum's graph quantized like ours (int4, block 32, accuracy level 4), driven by ORTModelForCausalLM."""
+    try:
+        import optimum.onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise PeerUnavailable(f"optimum.onnxruntime is not installed ({e}); pip install 'edge-llm[export]'") from e
+    out = CACHE / f"optimum-{_key(hf_dir)}"
+    if not (out / "model.onnx").exists():
+        from export.pipeline import export
+
+        export(str(hf_dir), str(out), quant="int4", profile="generic-x86-64", graph="optimum", force=True)
+        for name in ("config.json", "generation_config.json"):
+            if (hf_dir / name).exists():
+                shutil.copy(hf_dir / name, out / name)
+    return lambda prompt_tokens, new_tokens: child(sys.executable, OPTIMUM_CHILD, out, prompt_tokens, new_tokens,
+                                                   threads)
+
+
+def llamacpp_runner(hf_dir: Path, threads: int):
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise PeerUnavailable("llama-cpp-python is not installed (pip install llama-cpp-python; it compiles "
+                              "for about 30 minutes here)") from None
+    raise PeerUnavailable("llama.cpp comparison needs a q4_0 GGUF of the checkpoint (convert_hf_to_gguf.py); "
+                          "not automated yet")
+
+
+def _key(hf_dir: Path) -> str:
+    import hashlib
+
+    config = (hf_dir / "config.json").read_bytes()
+    return hashlib.sha256(str(hf_dir.resolve()).encode() + config).hexdigest()[:12]
+
+
+def runners(hf_dir: str, peers: list[str], threads: int, genai_venv: str | None = None) -> dict:
+    """name -> run(prompt_tokens, new_tokens) for each peer that can run here; the others are reported."""
+    makers = {"genai": lambda: genai_runner(Path(hf_dir), threads, genai_venv),
+              "optimum": lambda: optimum_runner(Path(hf_dir), threads),
+              "llamacpp": lambda: llamacpp_runner(Path(hf_dir), threads)}
+    ready = {}
+    for name in peers:
+        if name not in makers:
+            raise ValueError(f"unknown peer {name!r}; choose from {', '.join(makers)}")
+        try:
+            ready[name] = makers[name]()
+        except PeerUnavailable as e:
+            print(f"edge bench: skipping {name}: {e}", file=sys.stderr)
+    return ready
