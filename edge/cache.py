@@ -67,6 +67,7 @@ class SharedKVCache:
             self.buffers.append(pair)
         self.logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, vocab_size), np.float32))
         self.binding.bind_ortvalue_output(spec["logits"], self.logits)
+        self.mask = np.ones((1, capacity), dtype=np.int64)  # views of it are the attention masks: no allocation
 
     def run(self, session: ort.InferenceSession, tokens: np.ndarray) -> np.ndarray:
         """Logits of the chunk's last position (1 x vocab), after writing its keys and values in place."""
@@ -75,7 +76,7 @@ class SharedKVCache:
             raise ValueError(f"the KV cache holds {self.capacity} tokens; {self.offset + n} do not fit")
         inputs = self.spec["inputs"]
         self.binding.bind_cpu_input(inputs["input_ids"], np.asarray(tokens, dtype=np.int64).reshape(1, n))
-        self.binding.bind_cpu_input(inputs["attention_mask"], np.ones((1, self.offset + n), dtype=np.int64))
+        self.binding.bind_cpu_input(inputs["attention_mask"], self.mask[:, : self.offset + n])
         session.run_with_iobinding(self.binding)
         self.offset += n
         return self.logits.numpy()[0].copy()  # the bound buffer is overwritten by the next step

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from conftest import run_edge
+
 from edge.bench import FIGURES, table
 
 
