@@ -12,8 +12,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from edge import sampling
 from edge.model import Model
-from edge.sampling import Processor, Sampler, log_softmax, logprob, make_processors, make_sampler
+from edge.sampling import Processor, Sampler, log_softmax, make_processors, make_sampler
 from edge.tokenizer import Tokenizer
 
 PREFILL_CHUNK = 64  # prompt tokens per forward pass: bounds the (chunk x vocab) logits buffer on small boards
@@ -88,7 +89,7 @@ def step(model: Model, prompt: Sequence[int], sampler: Sampler, processors: list
             logprobs = log_softmax(logits)
             yield token, float(logprobs[token]), top_tokens(logprobs, top_n)
         else:
-            yield token, logprob(logits, token), ()
+            yield token, sampling.logprob(logits, token), ()
         history.append(token)
         logits = model.forward(cache, np.array([token], dtype=np.int64))[-1]
 
