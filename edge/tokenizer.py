@@ -12,6 +12,8 @@ REPLACEMENT = "\ufffd"  # what a decoder emits for bytes that do not yet form a 
 class Tokenizer:
     def __init__(self, file: Path):
         self.backend = HFTokenizer.from_file(str(file))
+        anchor = self.backend.encode("a", add_special_tokens=False).ids
+        self._anchor = anchor[-1:]  # a plain token to decode others after, so they keep their leading space
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -20,8 +22,11 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=True)
 
     def decode_one(self, token: int) -> str:
-        """One token's text on its own (for logprobs), special tokens included."""
-        return self.backend.decode([token], skip_special_tokens=False)
+        """One token's text as it reads mid-sentence (for logprobs), special tokens included: decoded after an
+        anchor token, since decoders strip a leading space (SentencePiece) at the start of a text."""
+        before = self.backend.decode(self._anchor, skip_special_tokens=False)
+        both = self.backend.decode(self._anchor + [token], skip_special_tokens=False)
+        return both[len(before):] if both.startswith(before) else self.backend.decode([token], skip_special_tokens=False)
 
     def token_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)

@@ -100,3 +100,11 @@ def test_chat_template_checks_messages():
                        ([{"role": "user", "content": 3}], "content"), ("hi", "non-empty")]:
         with pytest.raises(ChatTemplateError, match=match):
             chat.render(bad)
+
+
+def test_single_token_text_keeps_its_leading_space(pair):
+    theirs, ours, _, name = pair
+    ids = ours.encode("Hello there world", add_special_tokens=False)
+    pieces = [ours.decode_one(t) for t in ids]
+    assert "".join(pieces).strip() == "Hello there world"
+    assert any(p.startswith(" ") for p in pieces[1:]), pieces
