@@ -42,12 +42,9 @@ def export(src: str, out: str, quant: str | None = None, block_size: int | None 
     family), or "auto": fast where the family is covered, else optimum.
     """
     target = _target(profile, quant, block_size)
-    quant, block_size, accuracy = target["quant"], target["block_size"], target["accuracy_level"]
+    quant = target["quant"]
     _require_extra()
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
-    import onnx
-    import onnxruntime as ort
-
     from export import bundle, convert, quantize, validate
     from export import graph as fast_graph
 
@@ -69,23 +66,12 @@ def export(src: str, out: str, quant: str | None = None, block_size: int | None 
     if kind == "fast":
         shape["context_length"] = min(shape["context_length"], fast_graph.MAX_ROTARY_POSITIONS)
     with bundle.staging(out_path, force) as scratch:
-        stage(3, f"exporting to ONNX with a KV cache ({'fused ops, built from the weights' if kind == 'fast' else 'optimum'})")
-        raw_file = _to_onnx(kind, model, shape, scratch / "onnx")
-        spec = convert.io_names(onnx.load(raw_file, load_external_data=False))
-        spec.update({"graph": kind, "kv": "shared-buffer" if kind == "fast" else "growing",
-                     "logits_positions": "last" if kind == "fast" else "all"})
-        reference = ort.InferenceSession(str(raw_file), providers=["CPUExecutionProvider"])
+        raw_file, spec, reference = _onnx_stage(kind, model, shape, scratch)
         stage(4, "checking the ONNX graph against the source model")
         figures = {"source": validate.source_fidelity(model, tokenizer, reference, shape)}
         log(_describe(figures["source"]))
         stage(5, f"quantizing ({quant})")
-        quantized_model = quantize.quantize(onnx.load(raw_file), quant, block_size, accuracy)
-        files = bundle.save_model(quantized_model, scratch / "bundle")
-        if quant != "fp32":
-            ids = tokenizer(validate.EVAL_TEXT).input_ids[: shape["context_length"]]
-            quantized = ort.InferenceSession(str(scratch / "bundle" / files[0]), providers=["CPUExecutionProvider"])
-            figures["quantization"] = validate.quantization_loss(reference, quantized, ids, shape)
-            log(_describe(figures["quantization"]))
+        figures.update(_quantize_stage(raw_file, target, scratch / "bundle", tokenizer, reference, shape))
         stage(6, "writing the bundle")
         manifest = _manifest(convert.FAMILIES[config["model_type"]], config, model, tokenizer, source, shape, spec,
                              target, figures)
@@ -93,6 +79,40 @@ def export(src: str, out: str, quant: str | None = None, block_size: int | None 
         manifest = bundle.write_manifest(scratch / "bundle", manifest)
     log(f"done in {time.time() - started:.0f} s: {out_path}")
     return manifest
+
+
+def _onnx_stage(kind: str, model, shape: dict, scratch: Path):
+    """Stage 3: the fp32 graph, its input/output names, and a session on it as the reference for what follows."""
+    import onnx
+    import onnxruntime as ort
+
+    from export import convert
+
+    how = "fused ops, built from the weights" if kind == "fast" else "optimum"
+    stage(3, f"exporting to ONNX with a KV cache ({how})")
+    raw_file = _to_onnx(kind, model, shape, scratch / "onnx")
+    spec = convert.io_names(onnx.load(raw_file, load_external_data=False))
+    spec.update({"graph": kind, "kv": "shared-buffer" if kind == "fast" else "growing",
+                 "logits_positions": "last" if kind == "fast" else "all"})
+    return raw_file, spec, ort.InferenceSession(str(raw_file), providers=["CPUExecutionProvider"])
+
+
+def _quantize_stage(raw_file: Path, target: dict, folder: Path, tokenizer, reference, shape: dict) -> dict:
+    """Stage 5: the bundle's model file, and for quantized ones what quantization cost against fp32."""
+    import onnx
+    import onnxruntime as ort
+
+    from export import bundle, quantize, validate
+
+    model = quantize.quantize(onnx.load(raw_file), target["quant"], target["block_size"], target["accuracy_level"])
+    files = bundle.save_model(model, folder)
+    if target["quant"] == "fp32":
+        return {}
+    ids = tokenizer(validate.EVAL_TEXT).input_ids[: shape["context_length"]]
+    quantized = ort.InferenceSession(str(folder / files[0]), providers=["CPUExecutionProvider"])
+    loss = validate.quantization_loss(reference, quantized, ids, shape)
+    log(_describe(loss))
+    return {"quantization": loss}
 
 
 def _describe(figures: dict) -> str:
