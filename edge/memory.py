@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from devices import Device, Profile
 from edge.bundle import Bundle
+from edge.generate import PREFILL_CHUNK
 
 MB = 1 << 20
 # Measured on x86-64 with onnxruntime 1.32 (tests/test_memory.py checks the sum against real peak RSS):
@@ -14,7 +15,6 @@ RUNTIME_MB = 55  # Python with numpy, onnxruntime and tokenizers imported, befor
 SESSION_MB = 10  # an onnxruntime session's own structures
 PREPACK = 2.0  # onnxruntime keeps a prepacked copy of constant MatMul weights beside the originals
 TOKENIZER_PER_BYTE = 8  # a tokenizers.Tokenizer takes about 8 bytes of memory per byte of tokenizer.json
-PREFILL_CHUNK = 64  # as edge.generate: prompt tokens per forward pass
 
 
 class MemoryBudgetError(RuntimeError):

@@ -143,8 +143,9 @@ class EdgeState:
     def __init__(self, engine_or_loader, settings: ServerSettings):
         self.settings, self.metrics = settings, Metrics()
         self.gate = Gate(settings.max_queue, self.metrics)
-        self.engine = None if callable(engine_or_loader) and not hasattr(engine_or_loader, "stream") else engine_or_loader
-        self.loader: Callable | None = None if self.engine is not None else engine_or_loader
+        ready = hasattr(engine_or_loader, "stream")  # an Engine (or a wrapper of one), else a function making one
+        self.engine = engine_or_loader if ready else None
+        self.loader: Callable | None = None if ready else engine_or_loader
         self.load_error: str | None = None
 
     def load(self) -> None:
