@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -111,7 +111,7 @@ def load_profile(name_or_path: str | Path) -> Profile:
         raise ProfileError(f"{path}: cannot read profile: {e}") from e
     profile = build(Profile, data, path, "")
     check_values(profile, path)
-    return Profile(**{**profile.__dict__, "source": str(path)})
+    return replace(profile, source=str(path))
 
 
 def build(cls, data: dict, path: Path, prefix: str):

@@ -21,11 +21,8 @@ class KVCache:
         empty = np.zeros((1, num_kv_heads, 0, head_dim), dtype=dtype)
         self.keys = [empty] * num_layers
         self.values = [empty] * num_layers
-
-    @property
-    def output_names(self) -> list[str]:
-        spec, layers = self.spec, range(len(self.keys))
-        return [spec["logits"]] + [spec[f"present_{kind}"].format(layer=i) for i in layers for kind in ("key", "value")]
+        self.output_names = [spec["logits"]] + [spec[f"present_{kind}"].format(layer=i)
+                                                for i in range(num_layers) for kind in ("key", "value")]
 
     def feeds(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         n, spec = len(tokens), self.spec

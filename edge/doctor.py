@@ -5,11 +5,11 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from devices import Device, Profile, choose_profile, load_profile, read_device
+from devices import Device, Profile, read_device, resolve
 from edge import memory
 from edge.bundle import BundleError, open_bundle
 from edge.engine import resolve as resolve_bundle
-from edge.session import MIN_ONNXRUNTIME, onnxruntime_version
+from edge.session import MIN_ONNXRUNTIME, onnxruntime_version, usable
 
 
 def report(root: str | Path = "/", bundle: str | Path | None = None, profile: str = "auto",
@@ -17,11 +17,8 @@ def report(root: str | Path = "/", bundle: str | Path | None = None, profile: st
     """(lines describing the device, profile, providers and bundle; warnings)."""
     device = read_device(root)
     have = tuple(ort.get_available_providers())
-    if profile == "auto":
-        choice = choose_profile(device, gpu="CUDAExecutionProvider" in have)
-        chosen, why = choice.profile, choice.reason
-    else:
-        chosen, why = load_profile(profile), "asked for"
+    choice = resolve(profile, device, have)
+    chosen, why = choice.profile, choice.reason
     lines = describe_device(device) + [f"profile: {chosen.name} ({why})"] + describe_providers(chosen, have)
     warnings = device_warnings(device, chosen)
     if bundle is not None:
@@ -45,7 +42,7 @@ def describe_device(d: Device) -> list[str]:
 
 
 def describe_providers(profile: Profile, have: tuple[str, ...]) -> list[str]:
-    used = [p for p in profile.provider_names if p in have] or ["CPUExecutionProvider"]
+    used = [name for name, _ in usable(profile, have)]
     return [
         f"profile wants: {', '.join(profile.provider_names)}",
         f"onnxruntime {ort.__version__} on this machine has: {', '.join(have)}",

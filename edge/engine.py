@@ -60,7 +60,8 @@ class Engine:
         return gen.stream(self.model, self.tokenizer, ids, self.params(**params), self.eos_ids)
 
     def generate(self, prompt=None, messages=None, **params) -> str:
-        return "".join(record.text for record in self.stream(prompt, messages, **params))
+        ids = self.encode(prompt, messages)
+        return gen.generate(self.model, self.tokenizer, ids, self.params(**params), self.eos_ids)
 
     def logprobs(self, ids: Sequence[int]) -> np.ndarray:
         """Log-probability of each token after the first given the ones before it (for perplexity)."""

@@ -16,7 +16,7 @@ class Metrics:
         self.ttft_count = 0
         self.decode_rate = 0.0  # tokens/s of the last request's decode phase
         self.queue_depth = 0  # requests waiting for the engine
-        self.busy = 0  # requests generating now
+        self.busy = 0  # requests generating now (0 or 1: one at a time)
 
     def request(self, endpoint: str, status: int) -> None:
         with self._lock:

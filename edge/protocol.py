@@ -26,8 +26,8 @@ REFUSED = {
     "reasoning_effort": lambda v: v is not None,
     "web_search_options": lambda v: v is not None,
 }
-# Accepted and ignored because they do not change the output (as are fields OpenAI does not know):
-IGNORED = ("model", "user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options")
+# Every other field is accepted; those that are neither parsed below nor refused above (model, user, metadata,
+# store, service_tier, parallel_tool_calls, and fields OpenAI does not define) are ignored, as llama.cpp does.
 
 
 class APIError(Exception):

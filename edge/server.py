@@ -57,8 +57,10 @@ class Gate:
         finally:
             self.waiting -= 1
             self.metrics.queue_depth = self.waiting
+        self.metrics.busy = 1
 
     def leave(self) -> None:
+        self.metrics.busy = 0
         self.lock.release()
 
 

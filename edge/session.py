@@ -45,17 +45,22 @@ def session_options(profile: Profile) -> ort.SessionOptions:
     return options
 
 
-def providers(profile: Profile) -> list[tuple[str, dict]]:
-    """The profile's providers that this onnxruntime build has, in order, with their options; CPU always last."""
-    have = set(ort.get_available_providers())
+def usable(profile: Profile, have) -> list[tuple[str, dict]]:
+    """The profile's providers that are in `have`, in order, with their options; CPU always last."""
     chosen = [(p.name, _options(p.options)) for p in profile.providers if p.name in have]
+    if "CPUExecutionProvider" not in [name for name, _ in chosen]:
+        chosen.append(("CPUExecutionProvider", {}))
+    return chosen
+
+
+def providers(profile: Profile) -> list[tuple[str, dict]]:
+    """usable() for this onnxruntime build, saying once which providers it lacks."""
+    have = set(ort.get_available_providers())
     dropped = [p.name for p in profile.providers if p.name not in have]
     if dropped:
         warn_once(f"profile {profile.name}: {', '.join(dropped)} not in this onnxruntime build "
                   f"({ort.__version__}, has {', '.join(sorted(have))}); falling back")
-    if "CPUExecutionProvider" not in [name for name, _ in chosen]:
-        chosen.append(("CPUExecutionProvider", {}))
-    return chosen
+    return usable(profile, have)
 
 
 def _options(options: dict) -> dict[str, str]:

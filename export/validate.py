@@ -13,7 +13,9 @@ GREEDY_TOKENS = 16
 
 def run_onnx(session, ids: list[int], shape: dict, split: int) -> np.ndarray:
     """Logits predicting positions split .. len(ids) (rows for positions split-1 .. n-1): ids[:split] in one
-    pass, the rest through the KV cache, one token at a time where the graph returns only the last position."""
+    pass, the rest through the KV cache, one token at a time where the graph returns only the last position.
+    A loop of its own rather than edge's KVCache: the exporter never imports the runtime (the bundle is the
+    only contract), and here the reference graph is checked before any bundle exists."""
     takes_positions = any(i.name == "position_ids" for i in session.get_inputs())
     last_only = session.get_outputs()[0].shape[1] == 1
     past = {f"past_key_values.{layer}.{kind}": np.zeros((1, shape["num_kv_heads"], 0, shape["head_dim"]), np.float32)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -268,6 +267,7 @@ def test_queue_limit_answers_429():
     assert sorted(statuses).count(200) >= 2 and 429 in statuses  # one runs, one waits, the rest are turned away
     assert "1" in [r for s, r in zip(statuses, retry_after) if s == 429]
     assert 'edge_requests_total{endpoint="/v1/completions",status="429"}' in metrics
+    assert "edge_busy 0" in metrics and "edge_queue_depth 0" in metrics  # all done: the gate is free
 
 
 def test_client_disconnect_stops_generation_within_two_tokens():
@@ -350,4 +350,3 @@ def test_key_from_a_file_and_sigterm_during_a_stream(tmp_path):
                     pass
         assert process.wait(timeout=10) == 0
         assert time.monotonic() - started < 5 + 2
-    assert os.environ.get("EDGE_API_KEY") is None
