@@ -12,8 +12,10 @@ FAMILIES = {
     "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
 }
 # Rope types whose cos/sin tables do not depend on the sequence length, so a traced graph reproduces them.
-# "dynamic" and "longrope" switch behaviour on the length at run time, which tracing freezes: refused.
+# "dynamic" and "longrope" switch behaviour on the length at run time, which tracing freezes. The fast graph
+# takes longrope up to original_max_position_embeddings, where it is one fixed table (see check_rope).
 ROPE_TYPES = {"default", "linear", "llama3"}
+FAST_ONLY_ROPE_TYPES = {"longrope"}
 WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
 
 
@@ -38,11 +40,18 @@ def check_config(config: dict, src: Path) -> None:
         arch = ", ".join(config.get("architectures") or ["?"])
         raise ExportError(f"{src}: architecture {arch} (model_type {model_type!r}) is not supported; "
                           f"supported model types: {', '.join(sorted(FAMILIES))}")
+    check_rope(config, src, fast=True)
+
+
+def check_rope(config: dict, src: Path, fast: bool) -> None:
+    """Refuse rope scalings the chosen graph cannot reproduce exactly."""
     rope = config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ExportError(f"{src}: rope_scaling type {rope_type!r} cannot be exported faithfully (its tables change "
-                          f"with the sequence length); supported: {', '.join(sorted(ROPE_TYPES))}")
+    allowed = ROPE_TYPES | (FAST_ONLY_ROPE_TYPES if fast else set())
+    if rope_type not in allowed:
+        where = "" if fast else " on optimum's graph (the fast graph takes it; this model cannot use the fast graph)"
+        raise ExportError(f"{src}: rope_scaling type {rope_type!r} cannot be exported faithfully{where} (its tables "
+                          f"change with the sequence length); supported: {', '.join(sorted(allowed))}")
 
 
 def resolve_source(src: str) -> Path:

@@ -21,7 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from export.errors import ExportError
 
-FUSED_FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
+FUSED_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+WINDOWED_FAMILIES = {"mistral", "phi3"}  # families whose sliding_window applies to every layer when set
 MAX_ROTARY_POSITIONS = 32768  # cos/sin tables beyond this cost memory no small board has context for
 
 
@@ -52,17 +53,28 @@ def unsupported(config) -> str | None:
         return f"the fast graph does not cover {config.model_type} yet"
     if _shape(config)["head_dim"] % 16:
         return f"GroupQueryAttention needs a head size that is a multiple of 16, not {_shape(config)['head_dim']}"
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        return "the fast graph rotates whole heads; partial_rotary_factor is not supported yet"
     return None
 
 
+def max_context(config) -> int:
+    """The longest context the fast graph's rotary tables are exact for. Phi-3's longrope switches every position
+    to other frequencies past original_max_position_embeddings, which one fixed table cannot express."""
+    scaling = getattr(config, "rope_scaling", None) or {}
+    if scaling.get("rope_type", scaling.get("type")) == "longrope":
+        return min(MAX_ROTARY_POSITIONS, config.original_max_position_embeddings)
+    return MAX_ROTARY_POSITIONS
+
+
 def build(model, context_length: int) -> onnx.ModelProto:
-    """The fused fp32 graph of a transformers Llama/Mistral/Qwen2/Qwen3 model (in eval mode, on the CPU)."""
+    """The fused fp32 graph of a transformers Llama/Mistral/Qwen2/Qwen3/Phi-3 model (in eval mode, on the CPU)."""
     config = model.config
     reason = unsupported(config)
     if reason:
         raise ExportError(reason)
-    weights = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     shape = _shape(config)
+    weights = _unpacked({k: v.detach().float().numpy() for k, v in model.state_dict().items()}, shape)
     b = Builder()
     seqlens, total = _sequence_lengths(b)
     cos, sin = _rotary_tables(b, model, shape, context_length)
@@ -90,6 +102,19 @@ def _shape(config) -> dict:
             "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
             "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
             "hidden": config.hidden_size, "vocab": config.vocab_size}
+
+
+def _unpacked(weights: dict, shape: dict) -> dict:
+    """Phi-3 stores q/k/v and gate/up packed; split them into the Llama names the builder packs again its own way."""
+    q, kv = shape["heads"] * shape["head_dim"], shape["kv_heads"] * shape["head_dim"]
+    for name in [n for n in weights if n.endswith(("qkv_proj.weight", "gate_up_proj.weight"))]:
+        packed, prefix = weights.pop(name), name.rsplit(".", 2)[0]
+        if name.endswith("qkv_proj.weight"):
+            parts = dict(zip(("q_proj", "k_proj", "v_proj"), np.split(packed, [q, q + kv])))
+        else:
+            parts = dict(zip(("gate_proj", "up_proj"), np.split(packed, 2)))
+        weights.update({f"{prefix}.{part}.weight": w for part, w in parts.items()})
+    return weights
 
 
 def _sequence_lengths(b: Builder) -> tuple[str, str]:
@@ -145,7 +170,7 @@ def _attention(b: Builder, x: str, weights: dict, i: int, shape: dict, config, s
     else:  # one MatMul for q, k and v: a single pass over the activations, one kernel launch instead of three
         qkv = [_packed_linear(b, x, weights, [f"{prefix}.{p}_proj" for p in "qkv"], f"{prefix}.qkv_proj"), "", ""]
     window = getattr(config, "sliding_window", None)
-    use_window = window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False))
+    use_window = window and (config.model_type in WINDOWED_FAMILIES or getattr(config, "use_sliding_window", False))
     out, _, _ = b.op("GroupQueryAttention", [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
                                              total, cos, sin],
                      [f"/{prefix}/output", f"present.{i}.key", f"present.{i}.value"],

@@ -38,7 +38,7 @@ def export(src: str, out: str, quant: str | None = None, block_size: int | None 
 
     profile: a device profile name or .toml path; its quantization is used where quant/block_size are not given,
     and the bundle records it as its target.
-    graph: "fast" (fused ops, shared KV buffers: Llama, Mistral, Qwen2, Qwen3), "optimum" (the traced graph, every
+    graph: "fast" (fused ops, shared KV buffers: Llama, Mistral, Qwen2, Qwen3, Phi-3), "optimum" (the traced graph, every
     family), or "auto": fast where the family is covered, else optimum.
     """
     target = _target(profile, quant, block_size)
@@ -63,8 +63,9 @@ def export(src: str, out: str, quant: str | None = None, block_size: int | None 
         raise ExportError(f"{source}: the tokenizer has no fast (tokenizer.json) form; the runtime needs one")
     shape = convert.model_shape(model.config)
     kind = _graph_kind(graph, model.config)
+    convert.check_rope(config, source, fast=kind == "fast")
     if kind == "fast":
-        shape["context_length"] = min(shape["context_length"], fast_graph.MAX_ROTARY_POSITIONS)
+        shape["context_length"] = min(shape["context_length"], fast_graph.max_context(model.config))
     with bundle.staging(out_path, force) as scratch:
         raw_file, spec, reference = _onnx_stage(kind, model, shape, scratch)
         stage(4, "checking the ONNX graph against the source model")

@@ -36,7 +36,7 @@ def decisive_prefix(logits: np.ndarray) -> int:
 def test_fp32_bundle_matches_transformers(exports, name):
     checkpoint, bundle = exports.checkpoint(name), exports.bundle(name)
     engine = edge.load(bundle)
-    fast = name.split("-")[0].rstrip(".0123456789") in ("smollm", "tinyllama", "llama", "qwen", "mistral")
+    fast = name.split("-")[0].rstrip(".0123456789") in ("smollm", "tinyllama", "llama", "qwen", "mistral", "phi")
     assert engine.bundle.manifest["onnx"]["graph"] == ("fast" if fast else "optimum")
     prompt = engine.encode(PROMPT)
     assert prompt == AutoTokenizer.from_pretrained(checkpoint)(PROMPT).input_ids

@@ -68,3 +68,13 @@ def test_the_optimum_graph_stays_available(exports, tmp_path):
     assert [r.token for r in slow.stream("Hello", **args)] == [r.token for r in fast.stream("Hello", **args)]
     with pytest.raises(ExportError, match="does not cover gemma2"):
         export(str(exports.checkpoint("gemma2")), str(tmp_path / "g"), quant="fp32", graph="fast")
+
+
+def test_phi3_runs_on_the_fast_graph_with_its_window_and_longrope(exports):
+    model = onnx.load(exports.bundle("phi3") / "model.onnx", load_external_data=False)
+    windows = {a.i for n in model.graph.node if n.op_type == "GroupQueryAttention"
+               for a in n.attribute if a.name == "local_window_size"}
+    assert windows == {8}  # the checkpoint's sliding_window
+    # longrope is one fixed table only up to original_max_position_embeddings: the bundle's context stops there
+    engine = edge.load(exports.bundle("phi3-longrope"))
+    assert engine.bundle.manifest["onnx"]["graph"] == "fast" and engine.model.context_length == 64
