@@ -58,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--block-size", type=int, help="int4 block size (default: the profile's, else 32)")
     export.add_argument("--profile", help="the device profile to export for: its quantization, recorded as the target")
     export.add_argument("--graph", default="auto", choices=["auto", "fast", "optimum"],
-                        help="fast: fused ops and shared KV buffers (Llama, Mistral, Qwen2, Qwen3); optimum: the "
+                        help="fast: fused ops and shared KV buffers (Llama, Mistral, Qwen2, Qwen3, Phi-3); optimum: the "
                              "traced graph (every family); auto (default): fast where covered")
     export.add_argument("--force", action="store_true", help="replace an existing output folder")
     export.set_defaults(func=cmd_export)
@@ -89,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--peers", default="genai,optimum,llamacpp", help="which peers --compare runs")
     bench.add_argument("--genai-venv", help="a virtual environment with onnxruntime-genai and transformers 5.x "
                                            "(created under ~/.cache/edge-llm/peers when missing)")
+    bench.add_argument("--llamacpp-venv", help="a virtual environment with llama-cpp-python and gguf (default: "
+                                               "~/.cache/edge-llm/peers/llamacpp, then this one; never built here)")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     bench.set_defaults(func=cmd_bench)
 
@@ -236,7 +238,8 @@ def cmd_bench(args) -> int:
     if args.compare:
         from edge.peers import runners as peer_runners
 
-        runners.update(peer_runners(args.compare, args.peers.split(","), args.threads, args.genai_venv))
+        runners.update(peer_runners(args.compare, args.peers.split(","), args.threads, args.genai_venv,
+                                    args.llamacpp_venv))
     results = alternate(runners, args.prompt_tokens, args.new_tokens, args.runs)
     print(json.dumps(results, indent=2) if args.json else table(results))
     return 0

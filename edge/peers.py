@@ -6,7 +6,8 @@ its own. None of them is a dependency of edge-llm:
   environment of its own because its builder needs transformers 5.x (created on first use).
 - optimum: optimum's ORTModelForCausalLM on optimum's exported graph, quantized with the same MatMulNBits recipe
   as ours (in this environment, from the export extra).
-- llamacpp: llama-cpp-python with a q4_0 GGUF, when it is installed (it builds from source for ~30 minutes).
+- llamacpp: llama.cpp q4_0 through llama-cpp-python, when an environment has it (it builds from source for ~26
+  minutes, so it is never built here): the GGUF is converted and quantized in that environment (edge/llamacpp.py).
 """
 from __future__ import annotations
 
@@ -76,8 +77,9 @@ print(json.dumps({"load_s": load, "ttft_s": first, "prefill_tok_s": prompt_token
 """
 
 
-def child(python: str, script: str, *args) -> dict:
-    done = subprocess.run([python, "-c", script, *map(str, args)], capture_output=True, text=True)
+def child(python: str, *args) -> dict:
+    """Run one measurement in a fresh interpreter; its last stdout line is the JSON result."""
+    done = subprocess.run([python, *map(str, args)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"peer run failed: {done.stderr.strip()[-800:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -97,7 +99,7 @@ def genai_runner(hf_dir: Path, threads: int, venv: str | None):
             shutil.rmtree(out, ignore_errors=True)
             raise PeerUnavailable(f"onnxruntime-genai's builder failed: {done.stderr.strip()[-600:]}")
     _set_genai_threads(out / "genai_config.json", threads)
-    return lambda prompt_tokens, new_tokens: child(str(python), GENAI_CHILD, out, prompt_tokens, new_tokens)
+    return lambda prompt_tokens, new_tokens: child(str(python), "-c", GENAI_CHILD, out, prompt_tokens, new_tokens)
 
 
 def _make_genai_venv(folder: Path) -> None:
@@ -134,18 +136,35 @@ def optimum_runner(hf_dir: Path, threads: int):
         for name in ("config.json", "generation_config.json"):
             if (hf_dir / name).exists():
                 shutil.copy(hf_dir / name, out / name)
-    return lambda prompt_tokens, new_tokens: child(sys.executable, OPTIMUM_CHILD, out, prompt_tokens, new_tokens,
+    return lambda prompt_tokens, new_tokens: child(sys.executable, "-c", OPTIMUM_CHILD, out, prompt_tokens, new_tokens,
                                                    threads)
 
 
-def llamacpp_runner(hf_dir: Path, threads: int):
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        raise PeerUnavailable("llama-cpp-python is not installed (pip install llama-cpp-python; it compiles "
-                              "for about 30 minutes here)") from None
-    raise PeerUnavailable("llama.cpp comparison needs a q4_0 GGUF of the checkpoint (convert_hf_to_gguf.py); "
-                          "not automated yet")
+def llamacpp_runner(hf_dir: Path, threads: int, venv: str | None):
+    """llama.cpp q4_0 through llama-cpp-python, from the environment that has it (it compiles for ~26 minutes here,
+    so edge bench never builds it itself)."""
+    python = _llamacpp_python(venv)
+    out = CACHE / f"llamacpp-{_key(hf_dir)}.gguf"
+    script = str(Path(__file__).with_name("llamacpp.py"))
+    if not out.exists():
+        done = subprocess.run([python, script, "convert", str(hf_dir), str(out)], capture_output=True, text=True)
+        if done.returncode != 0:
+            out.unlink(missing_ok=True)
+            raise PeerUnavailable(f"the GGUF conversion failed: {done.stderr.strip()[-600:]}")
+    return lambda prompt_tokens, new_tokens: child(python, script, "run", out, prompt_tokens, new_tokens, threads)
+
+
+def _llamacpp_python(venv: str | None) -> str:
+    """The interpreter with llama_cpp and gguf: --llamacpp-venv, else ~/.cache/edge-llm/peers/llamacpp, else ours."""
+    candidates = [Path(venv) / "bin" / "python"] if venv else [CACHE / "llamacpp" / "bin" / "python",
+                                                              Path(sys.executable)]
+    probe = "import llama_cpp, gguf"
+    for python in candidates:
+        if python.exists() and subprocess.run([str(python), "-c", probe], capture_output=True).returncode == 0:
+            return str(python)
+    raise PeerUnavailable(f"no environment with llama-cpp-python and gguf (looked in {', '.join(map(str, candidates))}); "
+                          f"make one with: python -m venv {CACHE / 'llamacpp'} && {CACHE / 'llamacpp'}/bin/pip install "
+                          "llama-cpp-python gguf (llama-cpp-python compiles from source, ~26 minutes on 2 cores)")
 
 
 def _key(hf_dir: Path) -> str:
@@ -155,11 +174,12 @@ def _key(hf_dir: Path) -> str:
     return hashlib.sha256(str(hf_dir.resolve()).encode() + config).hexdigest()[:12]
 
 
-def runners(hf_dir: str, peers: list[str], threads: int, genai_venv: str | None = None) -> dict:
+def runners(hf_dir: str, peers: list[str], threads: int, genai_venv: str | None = None,
+            llamacpp_venv: str | None = None) -> dict:
     """name -> run(prompt_tokens, new_tokens) for each peer that can run here; the others are reported."""
     makers = {"genai": lambda: genai_runner(Path(hf_dir), threads, genai_venv),
               "optimum": lambda: optimum_runner(Path(hf_dir), threads),
-              "llamacpp": lambda: llamacpp_runner(Path(hf_dir), threads)}
+              "llamacpp": lambda: llamacpp_runner(Path(hf_dir), threads, llamacpp_venv)}
     ready = {}
     for name in peers:
         if name not in makers:

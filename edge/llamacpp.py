@@ -1,0 +1,146 @@
+"""The llama.cpp peer of `edge bench --compare`: a GGUF of the checkpoint, then timed runs through llama-cpp-python.
+
+Runs as a script inside llama-cpp-python's own environment (numpy, gguf, llama_cpp; nothing of edge-llm):
+
+    python llamacpp.py convert HF_DIR OUT.gguf     # f16 GGUF, then llama.cpp's own quantizer to q4_0
+    python llamacpp.py run OUT.gguf PROMPT_TOKENS NEW_TOKENS THREADS
+
+The conversion writes an f16 GGUF of a Llama/Mistral/Qwen2/Qwen3 checkpoint and hands it to
+`llama_model_quantize` with LLAMA_FTYPE_MOSTLY_Q4_0, which is what `llama-quantize model.gguf Q4_0` does (so the
+output/tied embedding gets llama.cpp's usual q6_K). The vocabulary is written as "no_vocab" with the model's
+vocabulary size: the benchmark feeds token ids, and random-init benchmark checkpoints have no BPE to convert.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+LAYER_NAMES = {  # transformers name after "model.layers.{i}." -> GGUF name after "blk.{i}."
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+}
+GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}
+DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+def read_safetensors(folder: Path):
+    """(name, float32 array) of every tensor in the checkpoint's safetensors files; bf16 widened by hand, since
+    numpy has no bfloat16."""
+    for file in sorted(folder.glob("*.safetensors")):
+        data = file.read_bytes()
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + size])
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = entry["data_offsets"]
+            raw = np.frombuffer(data, DTYPES[entry["dtype"]], (end - start) // np.dtype(DTYPES[entry["dtype"]]).itemsize,
+                                8 + size + start).reshape(entry["shape"])
+            yield name, (raw.astype(np.uint32) << 16).view(np.float32) if entry["dtype"] == "BF16" else raw.astype(np.float32)
+
+
+def gguf_name(name: str) -> str | None:
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
+    parts = name.split(".", 3)  # model, layers, i, rest
+    if parts[:2] == ["model", "layers"] and parts[3] in LAYER_NAMES:
+        return f"blk.{parts[2]}.{LAYER_NAMES[parts[3]]}"
+    return None
+
+
+def rope_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's "llama" architecture rotates interleaved pairs; transformers rotates the two halves of each head.
+    Reordering the rows of q/k by head turns one into the other."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_f16(hf_dir: Path, out: Path) -> None:
+    import gguf
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    arch = ARCHES.get(config["model_type"])
+    if arch is None:
+        raise SystemExit(f"llama.cpp peer: {config['model_type']} is not converted here (only {', '.join(ARCHES)})")
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_name(hf_dir.name)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_tokenizer_model("no_vocab")
+    writer.add_vocab_size(config["vocab_size"])
+    for name, weight in read_safetensors(hf_dir):
+        target = gguf_name(name)
+        if target is None or (target == "output.weight" and config.get("tie_word_embeddings")):
+            continue
+        if arch == "llama" and target.endswith(("attn_q.weight", "attn_k.weight")):
+            weight = rope_permute(weight, heads if target.endswith("attn_q.weight") else kv_heads)
+        writer.add_tensor(target, weight.astype(np.float16) if weight.ndim == 2 else weight.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def convert(hf_dir: Path, out: Path) -> None:
+    import llama_cpp
+
+    f16 = out.with_suffix(".f16.gguf")
+    write_f16(hf_dir, f16)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    failed = llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params)
+    f16.unlink()
+    if failed:
+        raise SystemExit(f"llama.cpp peer: llama_model_quantize failed ({failed})")
+
+
+def run(gguf: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
+    """One measurement, shaped like edge-llm's: load, prefill the same seeded prompt, greedy-decode new_tokens."""
+    import llama_cpp
+
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(gguf, n_ctx=prompt_tokens + new_tokens + 8, n_batch=512, n_threads=threads or None,
+                          n_threads_batch=threads or None, verbose=False)
+    load = time.perf_counter() - start
+    vocab = llm.n_vocab()
+    prompt = np.random.default_rng(0).integers(3, min(vocab, 30000), size=prompt_tokens).tolist()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
+    first = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        llm.eval([token])
+        token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
+    end = time.perf_counter()
+    peak = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
+    return {"load_s": load, "ttft_s": first - t0, "prefill_tok_s": prompt_tokens / (first - t0),
+            "decode_tok_s": (new_tokens - 1) / (end - first), "peak_rss_mb": peak, "tokens": new_tokens}
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "convert":
+        convert(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        print(json.dumps(run(sys.argv[2], *map(int, sys.argv[3:6]))))

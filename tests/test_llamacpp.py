@@ -1,0 +1,51 @@
+"""The llama.cpp peer's GGUF conversion: names, the rope row order, and reading safetensors without torch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge.llamacpp import gguf_name, read_safetensors, rope_permute
+
+
+@pytest.mark.parametrize("name, want", [
+    ("model.embed_tokens.weight", "token_embd.weight"), ("lm_head.weight", "output.weight"),
+    ("model.layers.3.self_attn.k_proj.bias", "blk.3.attn_k.bias"), ("model.layers.0.mlp.down_proj.weight",
+                                                                     "blk.0.ffn_down.weight"),
+    ("model.layers.11.self_attn.q_norm.weight", "blk.11.attn_q_norm.weight"),
+    ("model.rotary_emb.inv_freq", None),
+])
+def test_tensor_names(name, want):
+    assert gguf_name(name) == want
+
+
+def rotate(v: np.ndarray, angles: np.ndarray, interleaved: bool) -> np.ndarray:
+    """Rotary embedding of one head vector: pairs (2j, 2j+1) when interleaved (llama.cpp's "llama"), else
+    (j, j + d/2) (transformers)."""
+    half = len(v) // 2
+    first, second = (v[0::2], v[1::2]) if interleaved else (v[:half], v[half:])
+    a, b = first * np.cos(angles) - second * np.sin(angles), first * np.sin(angles) + second * np.cos(angles)
+    return np.stack([a, b], axis=1).reshape(-1) if interleaved else np.concatenate([a, b])
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_permuted_rows_turn_half_split_rope_into_interleaved_rope(heads):
+    rng = np.random.default_rng(0)
+    head_dim, hidden = 8, 12
+    weight, x = rng.standard_normal((heads * head_dim, hidden)), rng.standard_normal(hidden)
+    angles = rng.uniform(0, 3, head_dim // 2)
+    hf = np.concatenate([rotate(h, angles, False) for h in np.split(weight @ x, heads)])
+    cpp = np.concatenate([rotate(h, angles, True) for h in np.split(rope_permute(weight, heads) @ x, heads)])
+    # the same vectors in llama.cpp's row order, so every q.k dot product is unchanged
+    assert np.allclose(cpp, rope_permute(hf[:, None], heads)[:, 0])
+
+
+def test_safetensors_are_read_like_torch_reads_them(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    tensors = {"a": torch.randn(3, 4, dtype=torch.bfloat16), "b": torch.randn(5), "c": torch.randn(2, 2).half()}
+    save_file(tensors, tmp_path / "model.safetensors")
+    got = dict(read_safetensors(tmp_path))
+    assert set(got) == set(tensors)
+    for name, tensor in tensors.items():
+        assert got[name].dtype == np.float32 and np.array_equal(got[name], tensor.float().numpy())
