@@ -45,9 +45,10 @@ def read_safetensors(folder: Path):
             if name == "__metadata__":
                 continue
             start, end = entry["data_offsets"]
-            raw = np.frombuffer(data, DTYPES[entry["dtype"]], (end - start) // np.dtype(DTYPES[entry["dtype"]]).itemsize,
-                                8 + size + start).reshape(entry["shape"])
-            yield name, (raw.astype(np.uint32) << 16).view(np.float32) if entry["dtype"] == "BF16" else raw.astype(np.float32)
+            dtype = np.dtype(DTYPES[entry["dtype"]])
+            raw = np.frombuffer(data, dtype, (end - start) // dtype.itemsize, 8 + size + start).reshape(entry["shape"])
+            bf16 = entry["dtype"] == "BF16"
+            yield name, (raw.astype(np.uint32) << 16).view(np.float32) if bf16 else raw.astype(np.float32)
 
 
 def gguf_name(name: str) -> str | None:
@@ -62,7 +63,8 @@ def gguf_name(name: str) -> str | None:
 def rope_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's "llama" architecture rotates interleaved pairs; transformers rotates the two halves of each head.
     Reordering the rows of q/k by head turns one into the other."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    split = weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+    return split.swapaxes(1, 2).reshape(weight.shape)
 
 
 def write_f16(hf_dir: Path, out: Path) -> None:

@@ -162,7 +162,8 @@ def _llamacpp_python(venv: str | None) -> str:
     for python in candidates:
         if python.exists() and subprocess.run([str(python), "-c", probe], capture_output=True).returncode == 0:
             return str(python)
-    raise PeerUnavailable(f"no environment with llama-cpp-python and gguf (looked in {', '.join(map(str, candidates))}); "
+    looked = ", ".join(map(str, candidates))
+    raise PeerUnavailable(f"no environment with llama-cpp-python and gguf (looked in {looked}); "
                           f"make one with: python -m venv {CACHE / 'llamacpp'} && {CACHE / 'llamacpp'}/bin/pip install "
                           "llama-cpp-python gguf (llama-cpp-python compiles from source, ~26 minutes on 2 cores)")
 

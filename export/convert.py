@@ -71,7 +71,8 @@ def load_model(src: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
+    # eager attention is transformers' reference: its sdpa path drops Gemma 2's attention logit softcapping
+    model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32, attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(src)
     return model, tokenizer
 

@@ -21,8 +21,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from export.errors import ExportError
 
-FUSED_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
-WINDOWED_FAMILIES = {"mistral", "phi3"}  # families whose sliding_window applies to every layer when set
+FUSED_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"}
+WINDOWED_FAMILIES = {"mistral", "phi3"}  # no layer_types in their configs: sliding_window applies to every layer
+# Gemma 2 and 3: RMSNorm weights stored as w where the norm multiplies by (1 + w), the embedding scaled by
+# sqrt(hidden), and a norm after each sub-layer's output as well as before it ("sandwich" norms).
+GEMMA_FAMILIES = {"gemma2", "gemma3_text"}
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 MAX_ROTARY_POSITIONS = 32768  # cos/sin tables beyond this cost memory no small board has context for
 
 
@@ -55,7 +59,15 @@ def unsupported(config) -> str | None:
         return f"GroupQueryAttention needs a head size that is a multiple of 16, not {_shape(config)['head_dim']}"
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         return "the fast graph rotates whole heads; partial_rotary_factor is not supported yet"
+    if _activation(config) not in ACTIVATIONS:
+        return f"the fast graph has no {_activation(config)} activation yet"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "the fast graph is causal; use_bidirectional_attention is not supported"
     return None
+
+
+def _activation(config) -> str:
+    return getattr(config, "hidden_activation", None) or config.hidden_act
 
 
 def max_context(config) -> int:
@@ -68,32 +80,73 @@ def max_context(config) -> int:
 
 
 def build(model, context_length: int) -> onnx.ModelProto:
-    """The fused fp32 graph of a transformers Llama/Mistral/Qwen2/Qwen3/Phi-3 model (in eval mode, on the CPU)."""
+    """The fused fp32 graph of a transformers Llama/Mistral/Qwen2/Qwen3/Phi-3/Gemma 2/Gemma 3 model (in eval mode,
+    on the CPU)."""
     config = model.config
     reason = unsupported(config)
     if reason:
         raise ExportError(reason)
-    shape = _shape(config)
+    shape, gemma, eps = _shape(config), config.model_type in GEMMA_FAMILIES, config.rms_norm_eps
     weights = _unpacked({k: v.detach().float().numpy() for k, v in model.state_dict().items()}, shape)
+    weights = _one_plus_norms(weights) if gemma else weights
     b = Builder()
     seqlens, total = _sequence_lengths(b)
-    cos, sin = _rotary_tables(b, model, shape, context_length)
-    hidden = b.op("Gather", [b.weight("model.embed_tokens.weight", weights["model.embed_tokens.weight"]), "input_ids"],
-                  name="/model/embed_tokens/Gather")
-    residual, pending = hidden, None
+    tables = _rotary_tables(b, model, context_length)
+    residual, pending = _embedding(b, weights, config, gemma), None
+    # One decoder layer per pass; `pending` is the last sub-layer's output, added to `residual` by the next norm.
     for i in range(shape["layers"]):
-        normed, residual = _norm(b, pending, residual, weights[f"model.layers.{i}.input_layernorm.weight"],
-                                 config.rms_norm_eps, f"/model/layers.{i}/input_layernorm")
-        attention = _attention(b, normed, weights, i, shape, config, seqlens, total, cos, sin)
-        normed, residual = _norm(b, attention, residual, weights[f"model.layers.{i}.post_attention_layernorm.weight"],
-                                 config.rms_norm_eps, f"/model/layers.{i}/post_attention_layernorm")
-        pending = _mlp(b, normed, weights, i)
-    final, _ = _norm(b, pending, residual, weights["model.norm.weight"], config.rms_norm_eps, "/model/norm")
+        layer = f"model.layers.{i}"
+        normed, residual = _norm(b, pending, residual, weights[f"{layer}.input_layernorm.weight"], eps,
+                                 f"/{layer}/input_layernorm")
+        cos, sin = tables.get(_layer_type(config, i), tables["full_attention"])
+        pending = _attention(b, normed, weights, i, shape, config, seqlens, total, cos, sin)
+        if gemma:
+            pending = _plain_norm(b, pending, weights, f"{layer}.post_attention_layernorm", eps)
+        ffn_norm = "pre_feedforward_layernorm" if gemma else "post_attention_layernorm"
+        normed, residual = _norm(b, pending, residual, weights[f"{layer}.{ffn_norm}.weight"], eps,
+                                 f"/{layer}/{ffn_norm}")
+        pending = _mlp(b, normed, weights, i, ACTIVATIONS[_activation(config)])
+        if gemma:
+            pending = _plain_norm(b, pending, weights, f"{layer}.post_feedforward_layernorm", eps)
+    final, _ = _norm(b, pending, residual, weights["model.norm.weight"], eps, "/model/norm")
     last = b.op("Slice", [final, b.weight("last_start", np.array([-1])), b.weight("last_end", np.array([2**62])),
                           b.weight("last_axis", np.array([1]))], name="/model/last_position")
-    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-    b.op("MatMul", [last, b.weight("lm_head.weight.T", head.T)], ["logits"], name="/lm_head/MatMul")
+    _lm_head(b, last, weights, getattr(config, "final_logit_softcapping", None))
     return _model(b, shape, config)
+
+
+def _embedding(b: Builder, weights: dict, config, gemma: bool) -> str:
+    table = b.weight("model.embed_tokens.weight", weights["model.embed_tokens.weight"])
+    hidden = b.op("Gather", [table, "input_ids"], name="/model/embed_tokens/Gather")
+    if not gemma:
+        return hidden
+    scale = np.array(config.hidden_size**0.5, dtype=np.float32)  # transformers rounds it to the weights' dtype too
+    return b.op("Mul", [hidden, b.weight("embed_scale", scale)], name="/model/embed_tokens/scale")
+
+
+def _lm_head(b: Builder, last: str, weights: dict, softcap: float | None) -> None:
+    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    if not softcap:
+        b.op("MatMul", [last, b.weight("lm_head.weight.T", head.T)], ["logits"], name="/lm_head/MatMul")
+        return
+    logits = b.op("MatMul", [last, b.weight("lm_head.weight.T", head.T)], name="/lm_head/MatMul")
+    cap = b.weight("final_logit_softcap", np.array(softcap, dtype=np.float32))
+    b.op("Mul", [b.op("Tanh", [b.op("Div", [logits, cap])]), cap], ["logits"], name="/lm_head/softcap")
+
+
+def _one_plus_norms(weights: dict) -> dict:
+    """Gemma's RMSNorm multiplies by (1 + w): fold the 1 in, so every norm is onnxruntime's plain one."""
+    return {name: w + 1 if name.endswith("norm.weight") else w for name, w in weights.items()}
+
+
+def _plain_norm(b: Builder, x: str, weights: dict, prefix: str, eps: float) -> str:
+    return b.op("SimplifiedLayerNormalization", [x, b.weight(f"{prefix}.weight", weights[f"{prefix}.weight"])],
+                name=f"/{prefix.replace('.', '/')}", epsilon=eps, axis=-1)
+
+
+def _layer_type(config, i: int) -> str:
+    types = getattr(config, "layer_types", None)
+    return types[i] if types else "full_attention"
 
 
 def _shape(config) -> dict:
@@ -128,16 +181,24 @@ def _sequence_lengths(b: Builder) -> tuple[str, str]:
     return seqlens, total
 
 
-def _rotary_tables(b: Builder, model, shape: dict, context_length: int) -> tuple[str, str]:
+def _rotary_tables(b: Builder, model, context_length: int) -> dict[str, tuple[str, str]]:
+    """cos/sin tables by layer type: the model's rotary module for full attention, and Gemma 3's local one (another
+    base frequency) for sliding-window layers."""
+    tables = {"full_attention": _rotary_table(b, model.model.rotary_emb, context_length, "")}
+    if getattr(model.model, "rotary_emb_local", None) is not None:
+        tables["sliding_attention"] = _rotary_table(b, model.model.rotary_emb_local, context_length, "local_")
+    return tables
+
+
+def _rotary_table(b: Builder, rotary, context_length: int, prefix: str) -> tuple[str, str]:
     """cos/sin of position x inverse frequency, from the model's own rotary module (so every rope scaling type
     that transformers computes up front, default, linear, llama3, comes out exactly)."""
-    rotary = model.model.rotary_emb
     inv_freq = rotary.inv_freq.detach().double().numpy()
     scaling = float(getattr(rotary, "attention_scaling", 1.0))
     positions = np.arange(min(context_length, MAX_ROTARY_POSITIONS), dtype=np.float64)
     angles = np.outer(positions, inv_freq)
-    return (b.weight("cos_cache", (np.cos(angles) * scaling).astype(np.float32)),
-            b.weight("sin_cache", (np.sin(angles) * scaling).astype(np.float32)))
+    return (b.weight(f"{prefix}cos_cache", (np.cos(angles) * scaling).astype(np.float32)),
+            b.weight(f"{prefix}sin_cache", (np.sin(angles) * scaling).astype(np.float32)))
 
 
 def _norm(b: Builder, new: str | None, residual: str, gamma: np.ndarray, eps: float, name: str) -> tuple[str, str]:
@@ -169,15 +230,26 @@ def _attention(b: Builder, x: str, weights: dict, i: int, shape: dict, config, s
         qkv = [q, k, v]
     else:  # one MatMul for q, k and v: a single pass over the activations, one kernel launch instead of three
         qkv = [_packed_linear(b, x, weights, [f"{prefix}.{p}_proj" for p in "qkv"], f"{prefix}.qkv_proj"), "", ""]
-    window = getattr(config, "sliding_window", None)
-    use_window = window and (config.model_type in WINDOWED_FAMILIES or getattr(config, "use_sliding_window", False))
+    extra = {"scale": float(config.query_pre_attn_scalar) ** -0.5} if getattr(config, "query_pre_attn_scalar", None) else {}
+    if getattr(config, "attn_logit_softcapping", None):
+        extra["softcap"] = float(config.attn_logit_softcapping)
     out, _, _ = b.op("GroupQueryAttention", [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
                                              total, cos, sin],
                      [f"/{prefix}/output", f"present.{i}.key", f"present.{i}.value"],
                      name=f"/{prefix}/GroupQueryAttention", domain="com.microsoft", num_heads=shape["heads"],
                      kv_num_heads=shape["kv_heads"], do_rotary=1, rotary_interleaved=0,
-                     local_window_size=int(window) if use_window else -1)
+                     local_window_size=_window(config, i), **extra)
     return _linear(b, out, weights, f"{prefix}.o_proj")
+
+
+def _window(config, i: int) -> int:
+    """GroupQueryAttention's local_window_size for layer i: the sliding window where it applies, else -1."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return -1
+    if getattr(config, "layer_types", None):  # Qwen2/3, Gemma: per layer (Qwen2 only with use_sliding_window)
+        return int(window) if config.layer_types[i] == "sliding_attention" else -1
+    return int(window) if config.model_type in WINDOWED_FAMILIES else -1
 
 
 def _packed_linear(b: Builder, x: str, weights: dict, parts: list[str], name: str) -> str:
@@ -196,7 +268,7 @@ def _head_norm(b: Builder, x: str, gamma: np.ndarray, heads: int, eps: float, na
     return b.op("Reshape", [normed, b.weight(f"{name}.join", np.array([0, 0, heads * gamma.shape[0]]))])
 
 
-def _mlp(b: Builder, x: str, weights: dict, i: int) -> str:
+def _mlp(b: Builder, x: str, weights: dict, i: int, activation: str) -> str:
     # gate and up as one MatMul then a Split: one weight pass and kernel launch fewer per layer; measured faster
     # and smaller than two MatMuls (edge bench, SmolLM2-135M shape, alternated runs: decode x1.08, RSS -20 MB).
     prefix = f"model.layers.{i}.mlp"
@@ -204,8 +276,11 @@ def _mlp(b: Builder, x: str, weights: dict, i: int) -> str:
     half = weights[f"{prefix}.up_proj.weight"].shape[0]
     gate, up = b.op("Split", [both, b.weight(f"{prefix}.split", np.array([half, half]))], 2, axis=-1,
                     name=f"/{prefix}/split")
-    silu = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
-    return _linear(b, b.op("Mul", [silu, up]), weights, f"{prefix}.down_proj")
+    if activation == "gelu_tanh":  # Gemma's gelu_pytorch_tanh is exactly onnxruntime's FastGelu
+        act = b.op("FastGelu", [gate], domain="com.microsoft")
+    else:
+        act = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
+    return _linear(b, b.op("Mul", [act, up]), weights, f"{prefix}.down_proj")
 
 
 def _model(b: Builder, shape: dict, config) -> onnx.ModelProto:

@@ -38,8 +38,8 @@ def export(src: str, out: str, quant: str | None = None, block_size: int | None 
 
     profile: a device profile name or .toml path; its quantization is used where quant/block_size are not given,
     and the bundle records it as its target.
-    graph: "fast" (fused ops, shared KV buffers: Llama, Mistral, Qwen2, Qwen3, Phi-3), "optimum" (the traced graph, every
-    family), or "auto": fast where the family is covered, else optimum.
+    graph: "fast" (fused ops, shared KV buffers: Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3), "optimum" (the
+    traced graph, every family), or "auto": fast where the family is covered, else optimum.
     """
     target = _target(profile, quant, block_size)
     quant = target["quant"]

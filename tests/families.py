@@ -62,13 +62,15 @@ FAMILIES = [
     Family("qwen3", "Qwen3Config", "qwen3", {"head_dim": 32, "tie_word_embeddings": True}),
     Family("phi3", "Phi3Config", "phi3", {"num_key_value_heads": 4, "tie_word_embeddings": False, "sliding_window": 8}),
     Family("phi3-longrope", "Phi3Config", "phi3", {"num_key_value_heads": 4, "rope_scaling": {
-        "type": "longrope", "short_factor": [1.0 + i / 8 for i in range(8)], "long_factor": [2.0 + i for i in range(8)]},
+        "type": "longrope", "short_factor": [1.0 + i / 8 for i in range(8)],
+        "long_factor": [2.0 + i for i in range(8)]},
         "original_max_position_embeddings": 64}),
     Family("mistral", "MistralConfig", "mistral", {"sliding_window": 8}, chat_template=MISTRAL_TEMPLATE,
            system_prompt=False),
     Family("gemma2", "Gemma2Config", "trained", {"head_dim": 16, "num_key_value_heads": 1, "sliding_window": 8,
                                                  "query_pre_attn_scalar": 16}, chat_template=GEMMA_TEMPLATE),
-    Family("gemma3", "Gemma3TextConfig", "trained", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16},
+    Family("gemma3", "Gemma3TextConfig", "trained", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16,
+                                                     "layer_types": ["sliding_attention", "full_attention"]},
            chat_template=GEMMA_TEMPLATE),
 ]
 # Big enough that weights, not the interpreter, dominate memory (42M parameters): for the memory estimate's test.
