@@ -69,6 +69,8 @@ class Memory:
     budget_mb: int = 0  # most memory a model may take on this board; 0 = only what the machine has free
     reserve_mb: int = 256  # memory left for the system and other programs
     default_context: int = 4096  # context length used unless the caller asks for another (capped by the model)
+    huge_pages: bool = False  # transparent huge pages for the weights (the CLI sets glibc's tunable): faster
+    # decode where TLB misses cost, slower and more variable loads (the kernel compacts memory for 2 MB pages)
 
 
 @dataclass(frozen=True)

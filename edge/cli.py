@@ -8,9 +8,14 @@ from pathlib import Path
 SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop")
 
 
+MODEL_COMMANDS = {"run", "chat", "serve", "bench"}  # the ones that load weights (bench: in its child processes)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if argv is None and args.command in MODEL_COMMANDS:  # the command line itself, not a caller in-process
+            _huge_pages_if_profile_wants(args.profile)
         return args.func(args) or 0
     except KeyboardInterrupt:
         return 130
@@ -19,6 +24,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"edge: error: {e}", file=sys.stderr)
         return 1
+
+
+def _huge_pages_if_profile_wants(profile: str) -> None:
+    """Before onnxruntime allocates the weights, re-execute under glibc's huge-page tunable where the profile asks
+    for it (see edge.hugepages); child processes inherit it."""
+    import onnxruntime as ort
+
+    from devices import resolve
+    from edge import hugepages
+
+    hugepages.reexec(resolve(profile, available=tuple(ort.get_available_providers())).profile.memory.huge_pages)
 
 
 def _is_user_error(e: Exception) -> bool:

@@ -6,7 +6,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from devices import Device, Profile, read_device, resolve
-from edge import memory
+from edge import hugepages, memory
 from edge.bundle import BundleError, open_bundle
 from edge.engine import resolve as resolve_bundle
 from edge.session import MIN_ONNXRUNTIME, onnxruntime_version, usable
@@ -19,7 +19,8 @@ def report(root: str | Path = "/", bundle: str | Path | None = None, profile: st
     have = tuple(ort.get_available_providers())
     choice = resolve(profile, device, have)
     chosen, why = choice.profile, choice.reason
-    lines = describe_device(device) + [f"profile: {chosen.name} ({why})"] + describe_providers(chosen, have)
+    lines = describe_device(device) + [f"profile: {chosen.name} ({why})", hugepages.describe(chosen.memory.huge_pages)]
+    lines += describe_providers(chosen, have)
     warnings = device_warnings(device, chosen)
     if bundle is not None:
         more_lines, more_warnings = describe_bundle(Path(bundle), chosen, device, context)

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edge import hugepages
+
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-llm" / "peers"
 
 
@@ -79,7 +81,10 @@ print(json.dumps({"load_s": load, "ttft_s": first, "prefill_tok_s": prompt_token
 
 def child(python: str, *args) -> dict:
     """Run one measurement in a fresh interpreter; its last stdout line is the JSON result."""
-    done = subprocess.run([python, *map(str, args)], capture_output=True, text=True)
+    # as its users run it: without the huge-page tunable edge-llm adds for itself (set GLIBC_TUNABLES before
+    # `edge bench` to give every engine the same)
+    done = subprocess.run([python, *map(str, args)], capture_output=True, text=True,
+                          env=hugepages.original_environment())
     if done.returncode != 0:
         raise RuntimeError(f"peer run failed: {done.stderr.strip()[-800:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
