@@ -3,8 +3,8 @@
     python benchmarks/int4_vs_genai.py BUNDLE/model.onnx GENAI_DIR/model.onnx
 
 Same block size (32), symmetric, same rounding: identical MatMulNBits bytes and scales mean identical int4 quality,
-so a quality comparison on a trained model is not needed for the recipe itself. Our packed projections (q/k/v,
-gate/up) are compared as the concatenation of genai's separate ones where genai keeps them apart.
+so a quality comparison on a trained model is not needed for the recipe itself. Both pack q/k/v into one weight;
+our packed gate/up is compared with the concatenation of genai's separate gate and up.
 """
 from __future__ import annotations
 

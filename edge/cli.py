@@ -74,8 +74,8 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--block-size", type=int, help="int4 block size (default: the profile's, else 32)")
     export.add_argument("--profile", help="the device profile to export for: its quantization, recorded as the target")
     export.add_argument("--graph", default="auto", choices=["auto", "fast", "optimum"],
-                        help="fast: fused ops and shared KV buffers (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3); optimum: the "
-                             "traced graph (every family); auto (default): fast where covered")
+                        help="fast: fused ops and shared KV buffers (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3); "
+                             "optimum: the traced graph (every family); auto (default): fast where covered")
     export.add_argument("--force", action="store_true", help="replace an existing output folder")
     export.set_defaults(func=cmd_export)
 

@@ -9,7 +9,7 @@ from devices import Device, Profile, read_device, resolve
 from edge import hugepages, memory
 from edge.bundle import BundleError, open_bundle
 from edge.engine import resolve as resolve_bundle
-from edge.session import MIN_ONNXRUNTIME, onnxruntime_version, usable
+from edge.session import MIN_ONNXRUNTIME, onnxruntime_version, too_old_for, usable
 
 
 def report(root: str | Path = "/", bundle: str | Path | None = None, profile: str = "auto",
@@ -84,6 +84,9 @@ def describe_bundle(path: Path, profile: Profile, device: Device, context: int |
     if quant.get("accuracy_level") == 4 and not device.dot_product:
         warnings.append("the bundle uses int8 dot-product kernels (accuracy level 4) but this CPU has no "
                         "asimddp/VNNI: re-export with --profile " + profile.name)
+    if too_old_for(manifest["onnx"].get("min_onnxruntime")):
+        warnings.append(f"the bundle needs onnxruntime >= {manifest['onnx']['min_onnxruntime']} (sliding-window "
+                        f"attention); this is {ort.__version__}")
     if target and target != profile.name:
         warnings.append(f"the bundle was exported for {target}, this board uses {profile.name}")
     return lines, warnings

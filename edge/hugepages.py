@@ -63,7 +63,8 @@ def original_environment(environ=os.environ) -> dict[str, str]:
 def describe(profile_wants: bool, environ=os.environ) -> str:
     setting = f"EDGE_HUGEPAGES={environ['EDGE_HUGEPAGES']}" if "EDGE_HUGEPAGES" in environ else \
         f"profile says {'yes' if profile_wants else 'no'}"
-    where = f"kernel THP {kernel_mode()}, {' '.join(platform.libc_ver()) or 'not glibc'}"
+    libc = " ".join(platform.libc_ver()).strip() or "not glibc"
+    where = f"kernel THP {kernel_mode()}, {libc}"
     return f"huge pages for weights: {'yes' if applies(profile_wants, environ) else 'no'} ({setting}; {where})"
 
 

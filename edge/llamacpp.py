@@ -13,6 +13,7 @@ vocabulary size: the benchmark feeds token ids, and random-init benchmark checkp
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,19 +35,24 @@ GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.we
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
-def read_safetensors(folder: Path):
-    """(name, float32 array) of every tensor in the checkpoint's safetensors files; bf16 widened by hand, since
-    numpy has no bfloat16."""
-    for file in sorted(folder.glob("*.safetensors")):
-        data = file.read_bytes()
-        size = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + size])
+def read_safetensors(folder: Path, wanted=lambda name: True):
+    """(name, float32 array) of the wanted tensors in the checkpoint's safetensors files, memory-mapped so that
+    only one tensor at a time is widened; bf16 by hand, since numpy has no bfloat16."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SystemExit(f"llama.cpp peer: {folder} has no *.safetensors weights (only those are converted)")
+    for file in files:
+        data = np.memmap(file, dtype=np.uint8, mode="r")
+        size = int.from_bytes(data[:8].tobytes(), "little")
+        header = json.loads(data[8:8 + size].tobytes())
         for name, entry in header.items():
-            if name == "__metadata__":
+            if name == "__metadata__" or not wanted(name):
                 continue
-            start, end = entry["data_offsets"]
-            dtype = np.dtype(DTYPES[entry["dtype"]])
-            raw = np.frombuffer(data, dtype, (end - start) // dtype.itemsize, 8 + size + start).reshape(entry["shape"])
+            if entry["dtype"] not in DTYPES:
+                raise SystemExit(f"llama.cpp peer: {file.name}: tensor {name} is {entry['dtype']}; only "
+                                 f"{', '.join(DTYPES)} are converted")
+            start, end = (8 + size + offset for offset in entry["data_offsets"])
+            raw = data[start:end].view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
             bf16 = entry["dtype"] == "BF16"
             yield name, (raw.astype(np.uint32) << 16).view(np.float32) if bf16 else raw.astype(np.float32)
 
@@ -65,6 +71,25 @@ def rope_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     Reordering the rows of q/k by head turns one into the other."""
     split = weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
     return split.swapaxes(1, 2).reshape(weight.shape)
+
+
+def rope_factors(config: dict, head_dim: int) -> np.ndarray | None:
+    """Per-frequency divisors of the rotary angle, which llama.cpp reads from a `rope_freqs.weight` tensor: linear
+    scaling divides every frequency, llama3's leaves high frequencies, divides low ones, and blends between."""
+    scaling = config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind == "linear":
+        return np.full(head_dim // 2, scaling["factor"], dtype=np.float32)
+    if kind != "llama3":
+        raise SystemExit(f"llama.cpp peer: rope_scaling {kind!r} is not converted here (default, linear, llama3)")
+    inv_freq = 1.0 / config.get("rope_theta", 10000.0) ** (np.arange(0, head_dim, 2) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    old = scaling["original_max_position_embeddings"]
+    low, high, factor = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["factor"]
+    smooth = np.clip((old / wavelen - low) / (high - low), 0.0, 1.0)  # 0 below the band (divide), 1 above (keep)
+    return (1.0 / ((1.0 - smooth) / factor + smooth)).astype(np.float32)
 
 
 def write_f16(hf_dir: Path, out: Path) -> None:
@@ -92,12 +117,16 @@ def write_f16(hf_dir: Path, out: Path) -> None:
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     writer.add_tokenizer_model("no_vocab")
     writer.add_vocab_size(config["vocab_size"])
-    for name, weight in read_safetensors(hf_dir):
+    factors = rope_factors(config, head_dim)
+    if factors is not None:
+        if arch != "llama":
+            raise SystemExit(f"llama.cpp peer: rope scaling is only converted for Llama-layout models, not {arch}")
+        writer.add_tensor("rope_freqs.weight", factors)
+    tied = config.get("tie_word_embeddings")
+    for name, weight in read_safetensors(hf_dir, lambda n: gguf_name(n) and not (tied and n == "lm_head.weight")):
         target = gguf_name(name)
-        if target is None or (target == "output.weight" and config.get("tie_word_embeddings")):
-            continue
-        if arch == "llama" and target.endswith(("attn_q.weight", "attn_k.weight")):
-            weight = rope_permute(weight, heads if target.endswith("attn_q.weight") else kv_heads)
+        if arch == "llama" and target.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
+            weight = rope_permute(weight, heads if ".attn_q." in target else kv_heads)
         writer.add_tensor(target, weight.astype(np.float16) if weight.ndim == 2 else weight.astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -108,14 +137,17 @@ def write_f16(hf_dir: Path, out: Path) -> None:
 def convert(hf_dir: Path, out: Path) -> None:
     import llama_cpp
 
-    f16 = out.with_suffix(".f16.gguf")
-    write_f16(hf_dir, f16)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-    failed = llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params)
-    f16.unlink()
-    if failed:
-        raise SystemExit(f"llama.cpp peer: llama_model_quantize failed ({failed})")
+    f16, partial = out.with_suffix(".f16.gguf"), out.with_suffix(".partial")
+    try:  # the cache holds whole files only: an interrupted conversion must not be mistaken for one
+        write_f16(hf_dir, f16)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+        if llama_cpp.llama_model_quantize(str(f16).encode(), str(partial).encode(), params):
+            raise SystemExit(f"llama.cpp peer: llama_model_quantize failed on {f16}")
+        partial.replace(out)
+    finally:
+        f16.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
 
 
 def run(gguf: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
@@ -123,8 +155,9 @@ def run(gguf: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
     import llama_cpp
 
     start = time.perf_counter()
-    llm = llama_cpp.Llama(gguf, n_ctx=prompt_tokens + new_tokens + 8, n_batch=512, n_threads=threads or None,
-                          n_threads_batch=threads or None, verbose=False)
+    threads = threads or os.cpu_count()  # llama-cpp-python's own default is half the cores; the others take all
+    llm = llama_cpp.Llama(gguf, n_ctx=prompt_tokens + new_tokens + 8, n_batch=512, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
     load = time.perf_counter() - start
     vocab = llm.n_vocab()
     prompt = np.random.default_rng(0).integers(3, min(vocab, 30000), size=prompt_tokens).tolist()

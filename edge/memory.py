@@ -11,7 +11,9 @@ from edge.generate import PREFILL_CHUNK
 
 MB = 1 << 20
 # Measured on x86-64 with onnxruntime 1.32 (tests/test_memory.py checks the sum against real peak RSS):
-RUNTIME_MB = 55  # Python with numpy, onnxruntime and tokenizers imported, before any model
+# Python with numpy, onnxruntime and tokenizers imported, before any model: 55 MB where the libraries were installed
+# long ago, up to 70 MB right after `pip install` (fresh page-cache folios map in larger pieces); the middle:
+RUNTIME_MB = 62
 SESSION_MB = 10  # an onnxruntime session's own structures
 PREPACK = 2.0  # onnxruntime keeps a prepacked copy of constant MatMul weights beside the originals
 TOKENIZER_PER_BYTE = 8  # a tokenizers.Tokenizer takes about 8 bytes of memory per byte of tokenizer.json

@@ -6,7 +6,7 @@ import numpy as np
 from devices import Profile
 from edge.bundle import Bundle
 from edge.cache import KVCache, SharedKVCache
-from edge.session import make_session
+from edge.session import make_session, require_onnxruntime
 
 
 class Model:
@@ -16,6 +16,7 @@ class Model:
         # The context planned for (and checked against memory); never more than the model was trained for.
         self.context_length = min(context_length or self.shape["context_length"], self.shape["context_length"])
         file = self.spec["file"]
+        require_onnxruntime(self.spec.get("min_onnxruntime"), bundle.path)
         self.session = make_session(bundle.file(file), profile, bundle.manifest["files"][file]["sha256"])
         self.providers = self.session.get_providers()  # what the session really uses, not what was asked
 

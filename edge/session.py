@@ -13,6 +13,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from devices import Profile
+from edge.bundle import BundleError
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -34,6 +35,20 @@ def warn_once(message: str) -> None:
 
 def onnxruntime_version() -> tuple[int, ...]:
     return tuple(int(part) for part in ort.__version__.split(".")[:2] if part.isdigit())
+
+
+def too_old_for(minimum: str | None) -> bool:
+    """Whether this onnxruntime is older than a bundle's onnx.min_onnxruntime."""
+    return bool(minimum) and onnxruntime_version() < tuple(int(p) for p in minimum.split("."))
+
+
+def require_onnxruntime(minimum: str | None, bundle: Path) -> None:
+    # Newer than the floor only where the graph needs it: sliding-window attention is one token wider before
+    # 1.24 (microsoft/onnxruntime#25927), which would give wrong text, not an error.
+    if too_old_for(minimum):
+        raise BundleError(f"{bundle}: this bundle needs onnxruntime >= {minimum} (its sliding-window attention is "
+                          f"computed one token too wide by older versions); this is {ort.__version__}: "
+                          f"pip install -U onnxruntime")
 
 
 def session_options(profile: Profile) -> ort.SessionOptions:

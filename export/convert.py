@@ -43,15 +43,25 @@ def check_config(config: dict, src: Path) -> None:
     check_rope(config, src, fast=True)
 
 
-def check_rope(config: dict, src: Path, fast: bool) -> None:
-    """Refuse rope scalings the chosen graph cannot reproduce exactly."""
+def check_rope(config: dict, src: Path, fast: bool, chosen: bool = False) -> None:
+    """Refuse rope scalings the chosen graph cannot reproduce exactly; `chosen`: the user picked the graph."""
     rope = config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     allowed = ROPE_TYPES | (FAST_ONLY_ROPE_TYPES if fast else set())
     if rope_type not in allowed:
-        where = "" if fast else " on optimum's graph (the fast graph takes it; this model cannot use the fast graph)"
+        where = ""
+        if not fast and rope_type in FAST_ONLY_ROPE_TYPES:
+            where = (" on optimum's graph (use --graph auto or fast)" if chosen else
+                     " on optimum's graph, and this model cannot use the fast graph")
         raise ExportError(f"{src}: rope_scaling type {rope_type!r} cannot be exported faithfully{where} (its tables "
                           f"change with the sequence length); supported: {', '.join(sorted(allowed))}")
+
+
+def load_config(src: Path):
+    """The checkpoint's transformers config (no weights): what the graph choice needs."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(src)
 
 
 def resolve_source(src: str) -> Path:

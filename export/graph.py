@@ -75,8 +75,17 @@ def max_context(config) -> int:
     to other frequencies past original_max_position_embeddings, which one fixed table cannot express."""
     scaling = getattr(config, "rope_scaling", None) or {}
     if scaling.get("rope_type", scaling.get("type")) == "longrope":
-        return min(MAX_ROTARY_POSITIONS, config.original_max_position_embeddings)
+        original = scaling.get("original_max_position_embeddings") or getattr(
+            config, "original_max_position_embeddings", None) or config.max_position_embeddings
+        return min(MAX_ROTARY_POSITIONS, original)
     return MAX_ROTARY_POSITIONS
+
+
+def min_onnxruntime(config) -> str | None:
+    """The oldest onnxruntime that runs this graph right, when newer than the runtime's floor: before 1.24
+    GroupQueryAttention's local_window_size also counted the current token (microsoft/onnxruntime#25927), so a
+    sliding window was one token wider than the model's (measured: 1.23.2 wrong, 1.24.4 exact)."""
+    return "1.24" if any(_window(config, i) > 0 for i in range(config.num_hidden_layers)) else None
 
 
 def build(model, context_length: int) -> onnx.ModelProto:
@@ -101,13 +110,15 @@ def build(model, context_length: int) -> onnx.ModelProto:
         cos, sin = tables.get(_layer_type(config, i), tables["full_attention"])
         pending = _attention(b, normed, weights, i, shape, config, seqlens, total, cos, sin)
         if gemma:
-            pending = _plain_norm(b, pending, weights, f"{layer}.post_attention_layernorm", eps)
+            pending = _norm(b, None, pending, weights[f"{layer}.post_attention_layernorm.weight"], eps,
+                            f"/{layer}/post_attention_layernorm")[0]
         ffn_norm = "pre_feedforward_layernorm" if gemma else "post_attention_layernorm"
         normed, residual = _norm(b, pending, residual, weights[f"{layer}.{ffn_norm}.weight"], eps,
                                  f"/{layer}/{ffn_norm}")
         pending = _mlp(b, normed, weights, i, ACTIVATIONS[_activation(config)])
         if gemma:
-            pending = _plain_norm(b, pending, weights, f"{layer}.post_feedforward_layernorm", eps)
+            pending = _norm(b, None, pending, weights[f"{layer}.post_feedforward_layernorm.weight"], eps,
+                            f"/{layer}/post_feedforward_layernorm")[0]
     final, _ = _norm(b, pending, residual, weights["model.norm.weight"], eps, "/model/norm")
     last = b.op("Slice", [final, b.weight("last_start", np.array([-1])), b.weight("last_end", np.array([2**62])),
                           b.weight("last_axis", np.array([1]))], name="/model/last_position")
@@ -125,23 +136,18 @@ def _embedding(b: Builder, weights: dict, config, gemma: bool) -> str:
 
 
 def _lm_head(b: Builder, last: str, weights: dict, softcap: float | None) -> None:
+    """logits = last @ lm_head (tied: the embedding), then Gemma 2's cap * tanh(logits / cap) where it has one."""
     head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-    if not softcap:
-        b.op("MatMul", [last, b.weight("lm_head.weight.T", head.T)], ["logits"], name="/lm_head/MatMul")
-        return
-    logits = b.op("MatMul", [last, b.weight("lm_head.weight.T", head.T)], name="/lm_head/MatMul")
-    cap = b.weight("final_logit_softcap", np.array(softcap, dtype=np.float32))
-    b.op("Mul", [b.op("Tanh", [b.op("Div", [logits, cap])]), cap], ["logits"], name="/lm_head/softcap")
+    out = ["/lm_head/MatMul/out0" if softcap else "logits"]
+    logits = b.op("MatMul", [last, b.weight("lm_head.weight.T", head.T)], out, name="/lm_head/MatMul")
+    if softcap:
+        cap = b.weight("final_logit_softcap", np.array(softcap, dtype=np.float32))
+        b.op("Mul", [b.op("Tanh", [b.op("Div", [logits, cap])]), cap], ["logits"], name="/lm_head/softcap")
 
 
 def _one_plus_norms(weights: dict) -> dict:
     """Gemma's RMSNorm multiplies by (1 + w): fold the 1 in, so every norm is onnxruntime's plain one."""
     return {name: w + 1 if name.endswith("norm.weight") else w for name, w in weights.items()}
-
-
-def _plain_norm(b: Builder, x: str, weights: dict, prefix: str, eps: float) -> str:
-    return b.op("SimplifiedLayerNormalization", [x, b.weight(f"{prefix}.weight", weights[f"{prefix}.weight"])],
-                name=f"/{prefix.replace('.', '/')}", epsilon=eps, axis=-1)
 
 
 def _layer_type(config, i: int) -> str:
@@ -192,7 +198,8 @@ def _rotary_tables(b: Builder, model, context_length: int) -> dict[str, tuple[st
 
 def _rotary_table(b: Builder, rotary, context_length: int, prefix: str) -> tuple[str, str]:
     """cos/sin of position x inverse frequency, from the model's own rotary module (so every rope scaling type
-    that transformers computes up front, default, linear, llama3, comes out exactly)."""
+    that transformers computes up front comes out exactly: default, linear, llama3, and longrope's short table
+    with its attention scaling)."""
     inv_freq = rotary.inv_freq.detach().double().numpy()
     scaling = float(getattr(rotary, "attention_scaling", 1.0))
     positions = np.arange(min(context_length, MAX_ROTARY_POSITIONS), dtype=np.float64)
@@ -224,13 +231,15 @@ def _attention(b: Builder, x: str, weights: dict, i: int, shape: dict, config, s
     prefix = f"model.layers.{i}.self_attn"
     if f"{prefix}.q_norm.weight" in weights:  # Qwen3: RMSNorm over each head before rotary, so q/k stay apart
         q, k, v = (_linear(b, x, weights, f"{prefix}.{p}_proj") for p in "qkv")
-        q = _head_norm(b, q, weights[f"{prefix}.q_norm.weight"], shape["heads"], config.rms_norm_eps, f"{prefix}.q_norm")
+        q = _head_norm(b, q, weights[f"{prefix}.q_norm.weight"], shape["heads"], config.rms_norm_eps,
+                       f"{prefix}.q_norm")
         k = _head_norm(b, k, weights[f"{prefix}.k_norm.weight"], shape["kv_heads"], config.rms_norm_eps,
                        f"{prefix}.k_norm")
         qkv = [q, k, v]
     else:  # one MatMul for q, k and v: a single pass over the activations, one kernel launch instead of three
         qkv = [_packed_linear(b, x, weights, [f"{prefix}.{p}_proj" for p in "qkv"], f"{prefix}.qkv_proj"), "", ""]
-    extra = {"scale": float(config.query_pre_attn_scalar) ** -0.5} if getattr(config, "query_pre_attn_scalar", None) else {}
+    scalar = getattr(config, "query_pre_attn_scalar", None)  # Gemma: scores scale by this, not the head size
+    extra = {"scale": float(scalar) ** -0.5} if scalar else {}
     if getattr(config, "attn_logit_softcapping", None):
         extra["softcap"] = float(config.attn_logit_softcapping)
     out, _, _ = b.op("GroupQueryAttention", [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,

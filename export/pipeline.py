@@ -57,15 +57,17 @@ def export(src: str, out: str, quant: str | None = None, block_size: int | None 
     stage(1, f"checking {src}")
     source = convert.resolve_source(src)
     config = convert.check_source(source)
+    kind = _graph_kind(graph, convert.load_config(source))  # before the weights: refusals come early
+    convert.check_rope(config, source, fast=kind == "fast", chosen=graph != "auto")
     stage(2, "loading the source model (transformers, fp32)")
     model, tokenizer = convert.load_model(source)
     if not tokenizer.is_fast:
         raise ExportError(f"{source}: the tokenizer has no fast (tokenizer.json) form; the runtime needs one")
     shape = convert.model_shape(model.config)
-    kind = _graph_kind(graph, model.config)
-    convert.check_rope(config, source, fast=kind == "fast")
-    if kind == "fast":
-        shape["context_length"] = min(shape["context_length"], fast_graph.max_context(model.config))
+    if kind == "fast" and fast_graph.max_context(model.config) < shape["context_length"]:
+        shape["context_length"] = fast_graph.max_context(model.config)
+        log(f"context capped at {shape['context_length']} tokens (the fast graph's rotary tables are exact up to "
+            f"there)")
     with bundle.staging(out_path, force) as scratch:
         raw_file, spec, reference = _onnx_stage(kind, model, shape, scratch)
         stage(4, "checking the ONNX graph against the source model")
@@ -88,6 +90,7 @@ def _onnx_stage(kind: str, model, shape: dict, scratch: Path):
     import onnxruntime as ort
 
     from export import convert
+    from export import graph as fast_graph
 
     how = "fused ops, built from the weights" if kind == "fast" else "optimum"
     stage(3, f"exporting to ONNX with a KV cache ({how})")
@@ -95,6 +98,8 @@ def _onnx_stage(kind: str, model, shape: dict, scratch: Path):
     spec = convert.io_names(onnx.load(raw_file, load_external_data=False))
     spec.update({"graph": kind, "kv": "shared-buffer" if kind == "fast" else "growing",
                  "logits_positions": "last" if kind == "fast" else "all"})
+    if kind == "fast" and fast_graph.min_onnxruntime(model.config):
+        spec["min_onnxruntime"] = fast_graph.min_onnxruntime(model.config)
     return raw_file, spec, ort.InferenceSession(str(raw_file), providers=["CPUExecutionProvider"])
 
 

@@ -86,7 +86,7 @@ def source(tmp_path):
     (lambda src: _edit_config(src, rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "'dynamic' cannot be exported"),
     (lambda src: _edit_config(src, rope_scaling={"type": "longrope", "short_factor": [1] * 4, "long_factor": [2] * 4},
                               original_max_position_embeddings=128),  # head size 8: not for the fast graph
-     "'longrope' cannot be exported faithfully on optimum's graph"),
+     "'longrope' cannot be exported faithfully on optimum's graph, and this model cannot use the fast graph"),
 ])
 def test_export_refuses_clearly_and_writes_nothing(source, tmp_path, damage, message):
     damage(source)

@@ -90,3 +90,25 @@ def test_gemma_layers_alternate_sliding_and_full_attention(exports, name, softca
     assert all(a["scale"] == pytest.approx(16 ** -0.5) and a.get("softcap", 0.0) == softcap for a in attributes)
     # Gemma 3's sliding layers rotate with their own (local) base frequency: a cos table of their own
     assert len({n.input[7] for n in nodes}) == tables
+
+
+def test_sliding_window_bundles_refuse_an_onnxruntime_that_widens_the_window(exports, monkeypatch):
+    import edge.session
+
+    assert edge.load(exports.bundle("mistral")).bundle.manifest["onnx"]["min_onnxruntime"] == "1.24"
+    assert "min_onnxruntime" not in edge.load(exports.bundle("qwen3")).bundle.manifest["onnx"]  # no window
+    monkeypatch.setattr(edge.session, "onnxruntime_version", lambda: (1, 23))
+    with pytest.raises(edge.BundleError, match="needs onnxruntime >= 1.24"):
+        edge.load(exports.bundle("mistral"))
+    edge.load(exports.bundle("qwen3"))  # the floor stays 1.23 for the rest
+
+
+def test_longrope_context_without_original_max_falls_back_to_the_model_maximum():
+    from types import SimpleNamespace
+
+    from export.graph import max_context
+
+    config = SimpleNamespace(rope_scaling={"rope_type": "longrope"}, max_position_embeddings=100)
+    assert max_context(config) == 100
+    assert max_context(SimpleNamespace(rope_scaling={"type": "longrope", "original_max_position_embeddings": 64},
+                                       max_position_embeddings=100)) == 64

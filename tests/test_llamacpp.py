@@ -49,3 +49,35 @@ def test_safetensors_are_read_like_torch_reads_them(tmp_path):
     assert set(got) == set(tensors)
     for name, tensor in tensors.items():
         assert got[name].dtype == np.float32 and np.array_equal(got[name], tensor.float().numpy())
+
+
+def test_the_f16_gguf_holds_every_tensor_under_llama_cpp_names(exports, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from edge.llamacpp import write_f16
+
+    checkpoint = exports.checkpoint("qwen2.5")
+    write_f16(checkpoint, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    tensors = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+    assert "output.weight" not in tensors  # tied: llama.cpp reads the embedding for both
+    assert tensors["token_embd.weight"] == (64, 151669) and tensors["blk.1.attn_q.bias"] == (64,)
+    assert len([n for n in tensors if n.startswith("blk.0.")]) == 12  # norms x2, q/k/v (+bias), o, gate, up, down
+    fields = reader.fields
+    assert int(fields["qwen2.vocab_size"].parts[-1][0]) == 151669
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "no_vocab"
+
+
+@pytest.mark.parametrize("name", ["llama3.2", "llama-linear-rope"])
+def test_rope_factors_give_transformers_frequencies(exports, name):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from edge.llamacpp import rope_factors
+
+    checkpoint = exports.checkpoint(name)
+    config = json.loads((checkpoint / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    default = 1.0 / config.get("rope_theta", 10000.0) ** (np.arange(0, head_dim, 2) / head_dim)
+    theirs = AutoModelForCausalLM.from_pretrained(checkpoint).model.rotary_emb.inv_freq.numpy()
+    assert np.allclose(default / rope_factors(config, head_dim), theirs, rtol=1e-5)
