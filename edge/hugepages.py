@@ -71,7 +71,10 @@ def describe(profile_wants: bool, environ=os.environ) -> str:
 def reexec(profile_wants: bool) -> None:
     """Replace this process with itself under the tunable, once; a no-op where it is not wanted, cannot help, or
     is already set."""
-    if applies(profile_wants) and not active():
+    if applies(profile_wants) and not active() and sys.executable:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, sys.orig_argv, environment())
+        try:
+            os.execve(sys.executable, sys.orig_argv, environment())
+        except OSError:  # an interpreter that cannot be started again: run on, with 4 KiB pages
+            pass
