@@ -128,7 +128,9 @@ def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # contrib ops defeat shape inference
         model = onnx.load(dst)
     if not share:
-        return share_tied_embedding(model)
+        model = share_tied_embedding(model)
+        _quantize_untied_embedding(model, INT8_BLOCK)
+        return model
     model = _blockwise(model, bits=8, block_size=INT8_BLOCK, ops=("MatMul",))  # only lm_head is left as MatMul
     _gather_from_lm_head(model, INT8_BLOCK, bits=8)
     return model
@@ -175,15 +177,41 @@ def _gather_from_lm_head(model: onnx.ModelProto, block_size: int, bits: int) -> 
     head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
     packed, scales = head.input[1], head.input[2]
     vocab = next(helper.get_attribute_value(a) for a in head.attribute if a.name == "N")
+    shape3 = scales + "_as_table"
+    model.graph.initializer.append(numpy_helper.from_array(np.array([vocab, -1, 1], dtype=np.int64), shape3 + "_shape"))
+    scale_table = helper.make_node("Reshape", [scales, shape3 + "_shape"], [shape3], name="embedding_scales")
+    _gather_rows_from(model, gather, packed, shape3, block_size, bits, [scale_table])
+
+
+def _quantize_untied_embedding(model: onnx.ModelProto, block_size: int) -> None:
+    """An embedding table nothing else reads, as blockwise symmetric int8 rows (a quarter of fp32), in the layout
+    MatMulNBits uses for 8 bits (unsigned, zero point 128) so that GatherBlockQuantized reads it as for a tied one.
+    onnxruntime's quantizer only does this for 4 bits."""
+    gather = _find_embedding(model)
+    name = gather.input[0]
+    if any(name in node.input for node in model.graph.node if node is not gather):
+        return  # also lm_head's weight (tied, not block-divisible): it stays fp32 for the MatMul
+    table = numpy_helper.to_array(_initializers(model)[name])
+    if table.shape[1] % block_size:
+        return
+    blocks = table.reshape(table.shape[0], -1, block_size)
+    scales = (np.abs(blocks).max(axis=2, keepdims=True) / 127).astype(np.float32)
+    quantized = np.round(blocks / np.where(scales == 0, 1, scales)).clip(-127, 127) + 128
+    model.graph.initializer.extend([numpy_helper.from_array(quantized.astype(np.uint8), name + "_Q8"),
+                                    numpy_helper.from_array(scales, name + "_scales")])
+    _gather_rows_from(model, gather, name + "_Q8", name + "_scales", block_size, bits=8)
+
+
+def _gather_rows_from(model: onnx.ModelProto, gather, packed: str, scales: str, block_size: int, bits: int,
+                      before: list | None = None) -> None:
+    """Replace the fp32 embedding Gather with GatherBlockQuantized over a [vocab, blocks, block] table and its
+    [vocab, blocks, 1] scales, then drop the fp32 table."""
     table, out = gather.input[0], gather.output[0]
-    shape3, shape_out = scales + "_as_table", table + "_row_shape"
-    model.graph.initializer.extend([
-        numpy_helper.from_array(np.array([vocab, -1, 1], dtype=np.int64), shape3 + "_shape"),
-        numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), shape_out),
-    ])
+    shape_out = table + "_row_shape"
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), shape_out))
     nodes = [
-        helper.make_node("Reshape", [scales, shape3 + "_shape"], [shape3], name="embedding_scales"),
-        helper.make_node("GatherBlockQuantized", [packed, "input_ids", shape3], [out + "_blocks"], domain="com.microsoft",
+        *(before or []),
+        helper.make_node("GatherBlockQuantized", [packed, "input_ids", scales], [out + "_blocks"], domain="com.microsoft",
                          bits=bits, block_size=block_size, gather_axis=0, quantize_axis=2, name="embedding_table"),
         helper.make_node("Reshape", [out + "_blocks", shape_out], [out], name="embedding_rows"),
     ]

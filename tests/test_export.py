@@ -88,3 +88,15 @@ def test_quantized_bundles_of_other_families(exports, name, quant):
     tolerance = {"fp16": 1e-2, "int8": 0.5, "int4": 1.0}[quant]
     assert np.abs(got - want).max() < tolerance * np.abs(want).max()
     assert len(list(engine.stream(PROMPT, temperature=0, max_tokens=5))) >= 1
+
+
+def test_an_untied_embedding_is_int8_in_an_int8_bundle(exports):
+    """Phi-3 unties its embedding: in int8 it is gathered from 8-bit blocks, not kept as an fp32 table."""
+    import onnx
+
+    model = onnx.load(exports.bundle("phi3", "int8") / "model.onnx", load_external_data=False)
+    gathers = [n for n in model.graph.node if "input_ids" in n.input]
+    assert [n.op_type for n in gathers] == ["GatherBlockQuantized"]
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in gathers[0].attribute}["bits"] == 8
+    tables = [i for i in model.graph.initializer if i.name == gathers[0].input[0]]
+    assert tables and tables[0].data_type == onnx.TensorProto.UINT8
