@@ -88,13 +88,24 @@ def _options(options: dict) -> dict[str, str]:
 
 
 def make_session(model: Path, profile: Profile, model_sha256: str = "") -> ort.InferenceSession:
-    options = session_options(profile)
     wanted = providers(profile)
-    source = model
-    if profile.session.optimized_model_cache and model_sha256:
-        source = _use_optimized_cache(options, model, f"{model_sha256}:{profile.name}:{[n for n, _ in wanted]}")
+    if not (profile.session.optimized_model_cache and model_sha256):
+        return _create(model, session_options(profile), wanted)
+    cached = _optimized_path(f"{model_sha256}:{profile.name}:{[n for n, _ in wanted]}")
+    if cached.is_file():
+        options = session_options(profile)
+        options.graph_optimization_level = LEVELS["disable"]  # already optimized; skip the work
+        try:
+            return _create(cached, options, wanted)
+        except Exception as e:  # e.g. cut short by a power loss on an SD card: rebuild it from the bundle
+            warn_once(f"the optimized-model cache {cached.name} could not be loaded ({str(e)[:120]}); rebuilding it")
+            _discard(cached)
+    return _create_and_cache(model, profile, wanted, cached)
+
+
+def _create(model: Path, options: ort.SessionOptions, wanted: list[tuple[str, dict]]) -> ort.InferenceSession:
     try:
-        session = ort.InferenceSession(str(source), sess_options=options, providers=[n for n, _ in wanted],
+        session = ort.InferenceSession(str(model), sess_options=options, providers=[n for n, _ in wanted],
                                        provider_options=[o for _, o in wanted])
     except Exception as e:
         if onnxruntime_version() < MIN_ONNXRUNTIME:
@@ -103,25 +114,42 @@ def make_session(model: Path, profile: Profile, model_sha256: str = "") -> ort.I
         raise
     missing = [name for name, _ in wanted if name not in session.get_providers()]
     if missing:
-        warn_once(f"profile {profile.name}: {', '.join(missing)} could not start (libraries missing?); "
-                  f"running on {', '.join(session.get_providers())}")
+        warn_once(f"{', '.join(missing)} could not start (libraries missing?); running on "
+                  f"{', '.join(session.get_providers())}")
     return session
 
 
-def _use_optimized_cache(options: ort.SessionOptions, model: Path, identity: str) -> Path:
-    """Load the graph onnxruntime optimized last time for this model, profile, providers and onnxruntime version;
-    else have onnxruntime write it this time."""
+def _optimized_path(identity: str) -> Path:
+    """Where the graph onnxruntime optimized for this model, profile, providers and onnxruntime version lives."""
     key = hashlib.sha256(f"{identity}:{ort.__version__}".encode()).hexdigest()[:24]
     folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-llm" / "optimized"
-    cached = folder / f"{key}.onnx"
-    if cached.is_file():
-        options.graph_optimization_level = LEVELS["disable"]  # already optimized; skip the work
-        return cached
+    return folder / f"{key}.onnx"
+
+
+def _create_and_cache(model: Path, profile: Profile, wanted: list, cached: Path) -> ort.InferenceSession:
+    """Optimize the bundle's graph and have onnxruntime save the result under a temporary name, renamed only once
+    the session exists: a cache entry is whole or absent."""
+    options = session_options(profile)
+    partial = cached.with_suffix(".partial")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        options.optimized_model_filepath = str(cached)
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{key}.onnx.data")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        options.optimized_model_filepath = str(partial)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         f"{cached.name}.data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     except OSError:
-        pass  # a read-only home only costs the optimization next time
-    return model
+        return _create(model, session_options(profile), wanted)  # a read-only home only costs the work next time
+    session = _create(model, options, wanted)
+    try:  # on disk before the rename, so that a power cut cannot leave a whole-looking entry of zeroed pages
+        for path in (p for p in (cached.with_name(cached.name + ".data"), partial) if p.exists()):
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        partial.replace(cached)
+    except OSError:
+        pass
+    return session
+
+
+def _discard(cached: Path) -> None:
+    for path in (cached, cached.with_name(cached.name + ".data")):
+        path.unlink(missing_ok=True)
