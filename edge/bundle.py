@@ -103,8 +103,13 @@ def _inside(root: Path, name: str) -> Path:
     return file
 
 
+def cache_dir(name: str) -> Path:
+    """edge-llm's cache folder `name` (verified, optimized, peers), under $XDG_CACHE_HOME or ~/.cache."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-llm" / name
+
+
 def _record_file(path: Path) -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-llm" / "verified"
+    cache = cache_dir("verified")
     key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
     return cache / f"{key}.json"
 

@@ -6,7 +6,8 @@ Two kinds, named by the manifest's `onnx.kv`:
 - "shared-buffer" (the fast graph): one preallocated buffer per layer, sized to the chosen context, bound as
   both past and present with onnxruntime's IO binding; GroupQueryAttention writes the new keys in place, so no
   step copies or reallocates the cache.
-Both know their offset (tokens already seen) and run the session on the next chunk of tokens.
+Both know their offset (tokens already seen) and run the session on the next chunk of tokens, given as the int64
+array Model.forward makes of them.
 """
 from __future__ import annotations
 
@@ -15,27 +16,28 @@ import onnxruntime as ort
 
 
 class KVCache:
-    def __init__(self, spec: dict, num_layers: int, num_kv_heads: int, head_dim: int, dtype=np.float32):
+    def __init__(self, spec: dict, num_layers: int, num_kv_heads: int, head_dim: int):
         self.spec = spec  # the manifest's "onnx" section: input and output names
         self.offset = 0
-        empty = np.zeros((1, num_kv_heads, 0, head_dim), dtype=dtype)
+        empty = np.zeros((1, num_kv_heads, 0, head_dim), dtype=np.float32)
         self.keys = [empty] * num_layers
         self.values = [empty] * num_layers
+        layers = range(num_layers)  # names built once, not per step
+        self.past_names = [(spec["past_key"].format(layer=i), spec["past_value"].format(layer=i)) for i in layers]
         self.output_names = [spec["logits"]] + [spec[f"present_{kind}"].format(layer=i)
-                                                for i in range(num_layers) for kind in ("key", "value")]
+                                                for i in layers for kind in ("key", "value")]
 
     def feeds(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         n, spec = len(tokens), self.spec
         inputs = spec["inputs"]
         feeds = {
-            inputs["input_ids"]: tokens.reshape(1, n).astype(np.int64),
+            inputs["input_ids"]: tokens.reshape(1, n),
             inputs["attention_mask"]: np.ones((1, self.offset + n), dtype=np.int64),
         }
         if inputs.get("position_ids"):
             feeds[inputs["position_ids"]] = np.arange(self.offset, self.offset + n, dtype=np.int64).reshape(1, n)
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
-            feeds[spec["past_key"].format(layer=i)] = k
-            feeds[spec["past_value"].format(layer=i)] = v
+        for (key_name, value_name), k, v in zip(self.past_names, self.keys, self.values):
+            feeds[key_name], feeds[value_name] = k, v
         return feeds
 
     def update(self, presents: list[np.ndarray], n: int) -> None:
@@ -62,8 +64,8 @@ class SharedKVCache:
                 self.binding.bind_ortvalue_input(spec[f"past_{kind}"].format(layer=i), buffer)
                 self.binding.bind_ortvalue_output(spec[f"present_{kind}"].format(layer=i), buffer)
             self.buffers.append(pair)
-        self.logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, vocab_size), np.float32))
-        self.binding.bind_ortvalue_output(spec["logits"], self.logits)
+        self.logits = np.zeros((1, 1, vocab_size), np.float32)  # the bound output's memory, read without a round trip
+        self.binding.bind_ortvalue_output(spec["logits"], ort.OrtValue.ortvalue_from_numpy(self.logits))
         self.mask = np.ones((1, capacity), dtype=np.int64)  # views of it are the attention masks: no allocation
 
     def run(self, session: ort.InferenceSession, tokens: np.ndarray) -> np.ndarray:
@@ -72,8 +74,8 @@ class SharedKVCache:
         if self.offset + n > self.capacity:
             raise ValueError(f"the KV cache holds {self.capacity} tokens; {self.offset + n} do not fit")
         inputs = self.spec["inputs"]
-        self.binding.bind_cpu_input(inputs["input_ids"], np.asarray(tokens, dtype=np.int64).reshape(1, n))
+        self.binding.bind_cpu_input(inputs["input_ids"], tokens.reshape(1, n))
         self.binding.bind_cpu_input(inputs["attention_mask"], self.mask[:, : self.offset + n])
         session.run_with_iobinding(self.binding)
         self.offset += n
-        return self.logits.numpy()[0].copy()  # the bound buffer is overwritten by the next step
+        return self.logits[0].copy()  # the bound buffer is overwritten by the next step

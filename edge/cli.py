@@ -38,13 +38,11 @@ def _huge_pages_if_profile_wants(profile: str) -> None:
 
 
 def _is_user_error(e: Exception) -> bool:
-    from devices import ProfileError
-    from edge import BundleError, ChatTemplateError, ContextError
+    from edge import BundleError
     from edge.memory import MemoryBudgetError
 
-    user_errors = (BundleError, ChatTemplateError, ContextError, ProfileError, MemoryBudgetError, FileExistsError,
-                   ValueError)
-    return isinstance(e, user_errors) or type(e).__name__ == "ExportError"
+    # ValueError covers ContextError, ChatTemplateError, ProfileError, ExportError and bad parameters.
+    return isinstance(e, (BundleError, MemoryBudgetError, FileExistsError, ValueError))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -152,10 +150,14 @@ def _load(args):
     return edge.load(args.bundle, profile=args.profile, context_length=args.context)
 
 
-def _print_stream(records) -> None:
+def _print_stream(records) -> str:
+    """Write each record's text as it comes; return the whole text."""
+    parts = []
     for record in records:
+        parts.append(record.text)
         sys.stdout.write(record.text)
         sys.stdout.flush()
+    return "".join(parts)
 
 
 def cmd_run(args) -> int:
@@ -191,13 +193,9 @@ def cmd_chat(args) -> int:
 
 
 def _chat_turn(engine, messages: list[dict], sampling: dict) -> str:
-    reply = []
-    for record in engine.stream(messages=messages, **sampling):
-        reply.append(record.text)
-        sys.stdout.write(record.text)
-        sys.stdout.flush()
+    reply = _print_stream(engine.stream(messages=messages, **sampling))
     sys.stdout.write("\n")
-    return "".join(reply)
+    return reply
 
 
 def cmd_verify(args) -> int:
@@ -225,7 +223,6 @@ def cmd_serve(args) -> int:
 
     import uvicorn
 
-    import edge
     from edge.engine import resolve
     from edge.server import Server, ServerSettings, make_app
 
@@ -237,7 +234,7 @@ def cmd_serve(args) -> int:
               file=sys.stderr)
     settings = ServerSettings(api_key=key or None, max_queue=args.max_queue, max_body=args.max_body,
                               model_name=args.model_name or resolve(args.bundle).resolve().name)
-    app = make_app(lambda: edge.load(args.bundle, profile=args.profile, context_length=args.context), settings)
+    app = make_app(lambda: _load(args), settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, uds=args.uds, timeout_graceful_shutdown=args.grace,
                             log_level="info", access_log=False)
     Server(config).run()

@@ -70,7 +70,7 @@ def describe_bundle(path: Path, profile: Profile, device: Device, context: int |
     manifest = bundle.manifest
     quant = manifest.get("quantization", {})
     target = (manifest.get("target") or {}).get("profile")
-    context = min(context or profile.memory.default_context, manifest["model"]["context_length"])
+    context = memory.planned_context(manifest, profile, context)
     need = memory.estimate(bundle, context)
     have, limit = memory.available_mb(profile, device)
     lines = [f"bundle: {path} ({manifest['family']}, {quant.get('method', '?')}, "

@@ -91,7 +91,7 @@ def load(bundle: str | Path, profile: str | Path | Profile = "auto", context_len
     opened = open_bundle(path, verify=verify)
     device = read_device()
     choice = devices.resolve(profile, device, tuple(ort.get_available_providers()))
-    context = min(context_length or choice.profile.memory.default_context, opened.manifest["model"]["context_length"])
+    context = memory.planned_context(opened.manifest, choice.profile, context_length)
     if check_memory:
         memory.check(memory.estimate(opened, context), choice.profile, device)
     warn_target(opened.manifest, choice.profile, device)

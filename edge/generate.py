@@ -102,16 +102,29 @@ def top_tokens(logprobs: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
     return tuple((int(t), float(logprobs[t])) for t in best)
 
 
+def check_prompt(model: Model, prompt: Sequence[int]) -> None:
+    """Refuse a prompt the model cannot take (empty, ids outside the vocabulary, no room left) before any work."""
+    if not len(prompt):
+        raise ContextError("the prompt is empty")
+    vocab = model.shape["vocab_size"]
+    if min(prompt) < 0 or max(prompt) >= vocab:
+        raise ContextError(f"the prompt has token ids outside the vocabulary (0 to {vocab - 1})")
+    if len(prompt) >= model.context_length:
+        raise ContextError(f"the prompt has {len(prompt)} tokens but the context holds {model.context_length}; "
+                           f"shorten it (nothing was cut)")
+
+
 def stream(model: Model, tokenizer: Tokenizer, prompt: Sequence[int], params: GenerationParams,
            eos_ids: Sequence[int] = ()) -> Iterator[Record]:
-    """Records of generated text until eos, a stop string, max_tokens or a full context."""
-    room = model.context_length - len(prompt)
-    if not prompt:
-        raise ContextError("the prompt is empty")
-    if room <= 0:
-        raise ContextError(f"the prompt has {len(prompt)} tokens but the model's context holds "
-                           f"{model.context_length}; shorten it (nothing was cut)")
-    limit = min(params.max_tokens, room)
+    """Records of generated text until eos, a stop string, max_tokens or a full context. The prompt is checked
+    here, at the call, not when the first record is asked for."""
+    check_prompt(model, prompt)
+    return _records(model, tokenizer, prompt, params, eos_ids)
+
+
+def _records(model: Model, tokenizer: Tokenizer, prompt: Sequence[int], params: GenerationParams,
+             eos_ids: Sequence[int]) -> Iterator[Record]:
+    limit = min(params.max_tokens, model.context_length - len(prompt))
     if limit == 0:
         return
     sampler = make_sampler(params.temperature, params.top_k, params.top_p, params.min_p, params.seed)

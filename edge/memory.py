@@ -37,6 +37,11 @@ class Estimate:
         return self.weights_mb + self.tokenizer_mb + self.kv_mb + self.work_mb + self.runtime_mb
 
 
+def planned_context(manifest: dict, profile: Profile, requested: int | None) -> int:
+    """The context a load plans for: the caller's, else the profile's default; never past the model's own."""
+    return min(requested or profile.memory.default_context, manifest["model"]["context_length"])
+
+
 def estimate(bundle: Bundle, context: int) -> Estimate:
     """Peak memory of loading the bundle and generating until `context` tokens are in the cache."""
     manifest = bundle.manifest

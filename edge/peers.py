@@ -12,15 +12,15 @@ its own. None of them is a dependency of edge-llm:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from edge import hugepages
+from edge.bundle import cache_dir
 
-CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-llm" / "peers"
+CACHE = cache_dir("peers")
 
 
 class PeerUnavailable(RuntimeError):

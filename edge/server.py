@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from edge import protocol
 from edge.chat import ChatTemplateError
+from edge.generate import ContextError, check_prompt
 from edge.metrics import Metrics
 
 DONE = object()
@@ -269,16 +270,15 @@ def completions(kind: str):
 
 
 def encode(engine, req: protocol.Request) -> list[int]:
-    """Token ids of the request, checked against the context (in a worker thread: templates and tokenizers)."""
+    """Token ids of the request, checked as generation checks them (in a worker thread: templates and tokenizers)."""
     try:
         ids = engine.encode(req.prompt, req.messages)
     except ChatTemplateError as e:
         raise protocol.APIError(400, str(e), "messages") from None
-    if any(t >= engine.model.shape["vocab_size"] for t in ids):
-        raise protocol.APIError(400, "prompt has token ids beyond the vocabulary", "prompt")
-    if len(ids) >= engine.context_length:
-        raise protocol.APIError(400, f"the prompt has {len(ids)} tokens but the context holds "
-                                     f"{engine.context_length}; shorten it", "messages" if req.messages else "prompt")
+    try:
+        check_prompt(engine.model, ids)
+    except ContextError as e:
+        raise protocol.APIError(400, str(e), "messages" if req.messages else "prompt") from None
     return ids
 
 

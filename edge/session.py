@@ -13,7 +13,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from devices import Profile
-from edge.bundle import BundleError
+from edge.bundle import BundleError, cache_dir
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -122,8 +122,7 @@ def _create(model: Path, options: ort.SessionOptions, wanted: list[tuple[str, di
 def _optimized_path(identity: str) -> Path:
     """Where the graph onnxruntime optimized for this model, profile, providers and onnxruntime version lives."""
     key = hashlib.sha256(f"{identity}:{ort.__version__}".encode()).hexdigest()[:24]
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-llm" / "optimized"
-    return folder / f"{key}.onnx"
+    return cache_dir("optimized") / f"{key}.onnx"
 
 
 def _create_and_cache(model: Path, profile: Profile, wanted: list, cached: Path) -> ort.InferenceSession:

@@ -14,6 +14,7 @@ class Tokenizer:
         self.backend = HFTokenizer.from_file(str(file))
         anchor = self.backend.encode("a", add_special_tokens=False).ids
         self._anchor = anchor[-1:]  # a plain token to decode others after, so they keep their leading space
+        self._anchor_text = self.backend.decode(self._anchor, skip_special_tokens=False)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -24,12 +25,10 @@ class Tokenizer:
     def decode_one(self, token: int) -> str:
         """One token's text as it reads mid-sentence (for logprobs), special tokens included: decoded after an
         anchor token, since decoders strip a leading space (SentencePiece) at the start of a text."""
-        before = self.backend.decode(self._anchor, skip_special_tokens=False)
         both = self.backend.decode(self._anchor + [token], skip_special_tokens=False)
-        return both[len(before):] if both.startswith(before) else self.backend.decode([token], skip_special_tokens=False)
-
-    def token_id(self, token: str) -> int | None:
-        return self.backend.token_to_id(token)
+        if both.startswith(self._anchor_text):
+            return both[len(self._anchor_text):]
+        return self.backend.decode([token], skip_special_tokens=False)
 
     def detokenizer(self, context: Sequence[int]) -> StreamingDetokenizer:
         return StreamingDetokenizer(self, context)

@@ -32,7 +32,12 @@ def staging(out: Path, force: bool = False):
         old = scratch / "old"
         if out.exists():
             out.rename(old)  # only after the new bundle is complete
-        (scratch / "bundle").rename(out)
+        try:
+            (scratch / "bundle").rename(out)
+        except OSError:
+            if old.exists():
+                old.rename(out)  # the bundle that was there stays, rather than going with the scratch folder
+            raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

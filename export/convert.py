@@ -40,7 +40,6 @@ def check_config(config: dict, src: Path) -> None:
         arch = ", ".join(config.get("architectures") or ["?"])
         raise ExportError(f"{src}: architecture {arch} (model_type {model_type!r}) is not supported; "
                           f"supported model types: {', '.join(sorted(FAMILIES))}")
-    check_rope(config, src, fast=True)
 
 
 def check_rope(config: dict, src: Path, fast: bool, chosen: bool = False) -> None:

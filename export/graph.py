@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from export.convert import model_shape
 from export.errors import ExportError
 
 FUSED_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"}
@@ -55,8 +56,9 @@ def unsupported(config) -> str | None:
     """Why the fast graph cannot express this model, or None when it can."""
     if config.model_type not in FUSED_FAMILIES:
         return f"the fast graph does not cover {config.model_type} yet"
-    if _shape(config)["head_dim"] % 16:
-        return f"GroupQueryAttention needs a head size that is a multiple of 16, not {_shape(config)['head_dim']}"
+    head_dim = model_shape(config)["head_dim"]
+    if head_dim % 16:
+        return f"GroupQueryAttention needs a head size that is a multiple of 16, not {head_dim}"
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         return "the fast graph rotates whole heads; partial_rotary_factor is not supported yet"
     if _activation(config) not in ACTIVATIONS:
@@ -95,7 +97,7 @@ def build(model, context_length: int) -> onnx.ModelProto:
     reason = unsupported(config)
     if reason:
         raise ExportError(reason)
-    shape, gemma, eps = _shape(config), config.model_type in GEMMA_FAMILIES, config.rms_norm_eps
+    shape, gemma, eps = model_shape(config), config.model_type in GEMMA_FAMILIES, config.rms_norm_eps
     weights = _unpacked({k: v.detach().float().numpy() for k, v in model.state_dict().items()}, shape)
     weights = _one_plus_norms(weights) if gemma else weights
     b = Builder()
@@ -103,7 +105,7 @@ def build(model, context_length: int) -> onnx.ModelProto:
     tables = _rotary_tables(b, model, context_length)
     residual, pending = _embedding(b, weights, config, gemma), None
     # One decoder layer per pass; `pending` is the last sub-layer's output, added to `residual` by the next norm.
-    for i in range(shape["layers"]):
+    for i in range(shape["num_layers"]):
         layer = f"model.layers.{i}"
         normed, residual = _norm(b, pending, residual, weights[f"{layer}.input_layernorm.weight"], eps,
                                  f"/{layer}/input_layernorm")
@@ -155,17 +157,9 @@ def _layer_type(config, i: int) -> str:
     return types[i] if types else "full_attention"
 
 
-def _shape(config) -> dict:
-    heads = config.num_attention_heads
-    return {"layers": config.num_hidden_layers, "heads": heads,
-            "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
-            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
-            "hidden": config.hidden_size, "vocab": config.vocab_size}
-
-
 def _unpacked(weights: dict, shape: dict) -> dict:
     """Phi-3 stores q/k/v and gate/up packed; split them into the Llama names the builder packs again its own way."""
-    q, kv = shape["heads"] * shape["head_dim"], shape["kv_heads"] * shape["head_dim"]
+    q, kv = shape["num_heads"] * shape["head_dim"], shape["num_kv_heads"] * shape["head_dim"]
     for name in [n for n in weights if n.endswith(("qkv_proj.weight", "gate_up_proj.weight"))]:
         packed, prefix = weights.pop(name), name.rsplit(".", 2)[0]
         if name.endswith("qkv_proj.weight"):
@@ -231,9 +225,9 @@ def _attention(b: Builder, x: str, weights: dict, i: int, shape: dict, config, s
     prefix = f"model.layers.{i}.self_attn"
     if f"{prefix}.q_norm.weight" in weights:  # Qwen3: RMSNorm over each head before rotary, so q/k stay apart
         q, k, v = (_linear(b, x, weights, f"{prefix}.{p}_proj") for p in "qkv")
-        q = _head_norm(b, q, weights[f"{prefix}.q_norm.weight"], shape["heads"], config.rms_norm_eps,
+        q = _head_norm(b, q, weights[f"{prefix}.q_norm.weight"], shape["num_heads"], config.rms_norm_eps,
                        f"{prefix}.q_norm")
-        k = _head_norm(b, k, weights[f"{prefix}.k_norm.weight"], shape["kv_heads"], config.rms_norm_eps,
+        k = _head_norm(b, k, weights[f"{prefix}.k_norm.weight"], shape["num_kv_heads"], config.rms_norm_eps,
                        f"{prefix}.k_norm")
         qkv = [q, k, v]
     else:  # one MatMul for q, k and v: a single pass over the activations, one kernel launch instead of three
@@ -245,8 +239,8 @@ def _attention(b: Builder, x: str, weights: dict, i: int, shape: dict, config, s
     out, _, _ = b.op("GroupQueryAttention", [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
                                              total, cos, sin],
                      [f"/{prefix}/output", f"present.{i}.key", f"present.{i}.value"],
-                     name=f"/{prefix}/GroupQueryAttention", domain="com.microsoft", num_heads=shape["heads"],
-                     kv_num_heads=shape["kv_heads"], do_rotary=1, rotary_interleaved=0,
+                     name=f"/{prefix}/GroupQueryAttention", domain="com.microsoft", num_heads=shape["num_heads"],
+                     kv_num_heads=shape["num_kv_heads"], do_rotary=1, rotary_interleaved=0,
                      local_window_size=_window(config, i), **extra)
     return _linear(b, out, weights, f"{prefix}.o_proj")
 
@@ -293,12 +287,12 @@ def _mlp(b: Builder, x: str, weights: dict, i: int, activation: str) -> str:
 
 
 def _model(b: Builder, shape: dict, config) -> onnx.ModelProto:
-    kv = ["batch_size", shape["kv_heads"], "past_sequence_length", shape["head_dim"]]
-    present = ["batch_size", shape["kv_heads"], "total_sequence_length", shape["head_dim"]]
+    kv = ["batch_size", shape["num_kv_heads"], "past_sequence_length", shape["head_dim"]]
+    present = ["batch_size", shape["num_kv_heads"], "total_sequence_length", shape["head_dim"]]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_length"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", 1, shape["vocab"]])]
-    for i in range(shape["layers"]):
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", 1, shape["vocab_size"]])]
+    for i in range(shape["num_layers"]):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present))

@@ -50,6 +50,8 @@ def export(src: str, out: str, quant: str | None = None, block_size: int | None 
 
     if quant not in quantize.METHODS:
         raise ExportError(f"unknown --quant {quant!r}; choose one of {', '.join(quantize.METHODS)}")
+    if quant == "int4":
+        quantize.check_block_size(target["block_size"])  # before minutes of loading and tracing, not after
     out_path = Path(out)
     if out_path.exists() and not force:
         raise ExportError(f"{out_path} already exists; pass --force to replace it")

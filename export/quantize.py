@@ -118,6 +118,8 @@ def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     share = _shareable(model, INT8_BLOCK)
+    if not share:  # before quantize_dynamic, which would turn lm_head's copy into an int8 MatMulInteger of its own
+        model = share_tied_embedding(model)  # lm_head then reads the table through a Transpose, left in fp32
     head = [share[1].name] if share else []
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
@@ -128,7 +130,6 @@ def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # contrib ops defeat shape inference
         model = onnx.load(dst)
     if not share:
-        model = share_tied_embedding(model)
         _quantize_untied_embedding(model, INT8_BLOCK)
         return model
     model = _blockwise(model, bits=8, block_size=INT8_BLOCK, ops=("MatMul",))  # only lm_head is left as MatMul
@@ -136,10 +137,14 @@ def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int = 0) -> onnx.ModelProto:
-    """Blockwise symmetric int4 weights (MatMulNBits) for every MatMul with a constant weight, lm_head included."""
+def check_block_size(block_size: int) -> None:
     if block_size < 16 or block_size & (block_size - 1):
         raise ExportError(f"--block-size must be a power of two >= 16, not {block_size}")
+
+
+def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int = 0) -> onnx.ModelProto:
+    """Blockwise symmetric int4 weights (MatMulNBits) for every MatMul with a constant weight, lm_head included."""
+    check_block_size(block_size)
     share = _shareable(model, block_size)
     model = _blockwise(model, bits=4, block_size=block_size, ops=("MatMul",) if share else ("MatMul", "Gather"),
                        accuracy_level=accuracy_level)

@@ -121,6 +121,7 @@ class ScriptedModel:
     """Stands in for the ONNX model: its logits pick a fixed script of tokens, one per step."""
 
     context_length = 4096
+    shape = {"vocab_size": 151669}
 
     def __init__(self, script):
         self.script = script
@@ -131,7 +132,7 @@ class ScriptedModel:
     def forward(self, cache, tokens):
         start = cache["offset"]
         cache["offset"] += len(tokens)
-        logits = np.zeros((len(tokens), 151669), dtype=np.float32)
+        logits = np.zeros((len(tokens), self.shape["vocab_size"]), dtype=np.float32)
         for row, position in enumerate(range(start, start + len(tokens))):
             logits[row, self.script[min(position - self.prompt_len + 1, len(self.script) - 1)]] = 10.0
         return logits
@@ -154,3 +155,8 @@ def test_stream_equals_generate_with_emoji_and_cjk(text):
     assert [r.token for r in records] == script
     assert all("\ufffd" not in r.text for r in records)
     assert "".join(r.text for r in records) == gen.generate(model, tokenizer, prompt, params) == " " + text
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_at_the_call(engine):
+    with pytest.raises(edge.ContextError, match="outside the vocabulary"):
+        engine.stream([1, engine.model.shape["vocab_size"]])  # raised before any record is asked for

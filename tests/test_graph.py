@@ -53,7 +53,8 @@ def test_int4_fast_graph_for_a_dot_product_board(exports, tmp_path):
     assert manifest["onnx"]["graph"] == "fast" and manifest["quantization"]["accuracy_level"] == 4
     model = onnx.load(tmp_path / "b" / "model.onnx", load_external_data=False)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert nbits and all(a.i == 4 for n in nbits for a in n.attribute if a.name == "accuracy_level")
+    levels = [next((a.i for a in n.attribute if a.name == "accuracy_level"), None) for n in nbits]
+    assert nbits and levels == [4] * len(nbits)
     table = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
     head = next(n for n in nbits if "lm_head" in n.name)
     assert table.input[0] == head.input[1]

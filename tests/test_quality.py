@@ -65,13 +65,27 @@ def test_quantized_bundles_store_the_tied_embedding_once(exports, quant):
     import onnx
 
     fp32 = onnx.load(exports.bundle("stories260K", "fp32") / "model.onnx")
-    int4 = onnx.load(exports.bundle("stories260K", quant) / "model.onnx")
+    quantized = onnx.load(exports.bundle("stories260K", quant) / "model.onnx")
     big = lambda m: [t for t in m.graph.initializer if 512 in t.dims]
     assert len(big(fp32)) == 1  # lm_head reads the embedding through a Transpose, not a copy
-    ops = {n.op_type for n in int4.graph.node}
-    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "Gather" in ops
-    head = next(n for n in int4.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
-    table = next(n for n in int4.graph.node if n.op_type == "GatherBlockQuantized")
+    readers = [n.op_type for n in quantized.graph.node if "input_ids" in n.input]
+    assert readers == ["GatherBlockQuantized"]  # the fp32 embedding Gather is gone
+    head = next(n for n in quantized.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
+    table = next(n for n in quantized.graph.node if n.op_type == "GatherBlockQuantized")
     assert table.input[0] == head.input[1]  # one packed tensor serves both
-    fp32_tables = [t for t in int4.graph.initializer if {512, 64} <= set(t.dims) and t.data_type == onnx.TensorProto.FLOAT]
+    fp32_tables = [t for t in quantized.graph.initializer
+                   if {512, 64} <= set(t.dims) and t.data_type == onnx.TensorProto.FLOAT]
     assert not fp32_tables  # only the int4 bytes and their scales remain
+
+
+def test_int8_stores_a_tied_embedding_once_where_its_rows_do_not_split_into_blocks(tmp_path, monkeypatch):
+    import onnx
+
+    from export import quantize
+    from export.pipeline import export
+
+    monkeypatch.setattr(quantize, "INT8_BLOCK", 128)  # stories260K's rows are 64 wide: no whole int8 blocks
+    export(str(STORIES), str(tmp_path / "b"), quant="int8")
+    model = onnx.load(tmp_path / "b" / "model.onnx")
+    assert len([t for t in model.graph.initializer if 512 in t.dims]) == 1  # the fp32 table, read by lm_head too
+    assert "MatMulInteger" not in {n.op_type for n in model.graph.node if "lm_head" in n.name}
