@@ -74,6 +74,12 @@ class Memory:
 
 
 @dataclass(frozen=True)
+class Server:
+    cors_origins: tuple[str, ...] = ()  # browser origins `edge serve` lets call it (a kiosk UI's); --cors-origin
+    # replaces them; "*" for any
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str = "cpu"  # the profile's name, as `--profile` takes it
     description: str = ""  # one line for `edge devices`
@@ -84,6 +90,7 @@ class Profile:
     session: Session = Session()
     export: Export = Export()
     memory: Memory = Memory()
+    server: Server = Server()
     source: str = field(default="", compare=False)  # the file it came from, for messages
 
     @property

@@ -2,7 +2,8 @@
 from edge.bundle import BundleError
 from edge.chat import ChatTemplateError
 from edge.engine import Engine, load
-from edge.generate import ContextError, GenerationParams, Record
+from edge.generate import ContextError, ContextLengthError, GenerationParams, Record
 
 __version__ = "0.1.0"
-__all__ = ["load", "Engine", "GenerationParams", "Record", "BundleError", "ContextError", "ChatTemplateError"]
+__all__ = ["load", "Engine", "GenerationParams", "Record", "BundleError", "ContextError", "ContextLengthError",
+           "ChatTemplateError"]

@@ -90,6 +90,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM (10)")
     serve.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (1 MB)")
     serve.add_argument("--model-name", help="the model id /v1/models reports (default: the bundle folder's name)")
+    serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                       help="let browser pages from this origin call the API (e.g. http://localhost:3000, or '*'); "
+                            "repeat for several; default: the profile's, else none")
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="speed and memory of a bundle, each run in a fresh process")
@@ -233,12 +236,30 @@ def cmd_serve(args) -> int:
         print(f"edge: warning: listening on {args.host} without an API key: anyone who can reach it can use it",
               file=sys.stderr)
     settings = ServerSettings(api_key=key or None, max_queue=args.max_queue, max_body=args.max_body,
-                              model_name=args.model_name or resolve(args.bundle).resolve().name)
+                              model_name=args.model_name or resolve(args.bundle).resolve().name,
+                              cors_origins=_cors_origins(args))
     app = make_app(lambda: _load(args), settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, uds=args.uds, timeout_graceful_shutdown=args.grace,
                             log_level="info", access_log=False)
     Server(config).run()
     return 0
+
+
+def _cors_origins(args) -> tuple[str, ...]:
+    """--cors-origin flags, else the profile's [server] cors_origins; checked here, before the server starts."""
+    from edge.cors import check_origins
+
+    if args.cors_origin:
+        return check_origins(args.cors_origin)
+    import onnxruntime as ort
+
+    from devices import resolve
+
+    profile = resolve(args.profile, available=tuple(ort.get_available_providers())).profile
+    try:
+        return check_origins(profile.server.cors_origins)
+    except ValueError as e:
+        raise ValueError(f"{profile.source}: server.cors_origins: {e}") from None
 
 
 def cmd_bench(args) -> int:

@@ -30,6 +30,7 @@ class Engine:
         self.model = Model(bundle, profile, context_length)
         self.tokenizer = Tokenizer(bundle.file(manifest["tokenizer"]["file"]))
         special = manifest["tokenizer"].get("special_tokens", {})
+        self.document_start = self.tokenizer.document_start(special)  # what an empty prompt starts from
         template = manifest.get("chat_template")
         self.chat_template = ChatTemplate(bundle.file(template).read_text(encoding="utf-8"), special) if template else None
         self.eos_ids = frozenset(manifest["generation"]["eos_token_ids"])
@@ -43,7 +44,10 @@ class Engine:
         return gen.GenerationParams.with_defaults(self.defaults, **overrides)
 
     def encode(self, prompt: str | Sequence[int] | None = None, messages: list[dict] | None = None) -> list[int]:
-        """Token ids of a plain prompt (with the tokenizer's special tokens, e.g. BOS) or of chat messages."""
+        """Token ids of a plain prompt (with the tokenizer's special tokens, e.g. BOS) or of chat messages.
+
+        An empty prompt ("" or no ids) starts a new document, as OpenAI's completions do: from BOS, else
+        `<|endoftext|>`, else EOS; a model with none of them refuses it (ContextError)."""
         if (prompt is None) == (messages is None):
             raise ValueError("give either a prompt or messages")
         if messages is not None:
@@ -51,9 +55,13 @@ class Engine:
                 raise ChatTemplateError("this bundle has no chat template; use a plain prompt")
             # The template writes BOS and friends itself, so no special tokens are added (as transformers does).
             return self.tokenizer.encode(self.chat_template.render(messages), add_special_tokens=False)
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        return [int(t) for t in prompt]
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if ids:
+            return ids
+        if self.document_start is None:
+            raise gen.ContextError("the prompt is empty and this model's tokenizer has no BOS, <|endoftext|> or EOS "
+                                   "token to start a document from; give a prompt")
+        return [self.document_start]
 
     def stream(self, prompt=None, messages=None, **params) -> Iterator[gen.Record]:
         ids = self.encode(prompt, messages)

@@ -21,7 +21,11 @@ PREFILL_CHUNK = 64  # prompt tokens per forward pass: bounds the (chunk x vocab)
 
 
 class ContextError(ValueError):
-    """The prompt does not fit the model's context."""
+    """The model cannot take this prompt: it is empty, has ids outside the vocabulary, or does not fit."""
+
+
+class ContextLengthError(ContextError):
+    """The prompt leaves no room in the context (OpenAI's "context_length_exceeded")."""
 
 
 @dataclass
@@ -110,8 +114,8 @@ def check_prompt(model: Model, prompt: Sequence[int]) -> None:
     if min(prompt) < 0 or max(prompt) >= vocab:
         raise ContextError(f"the prompt has token ids outside the vocabulary (0 to {vocab - 1})")
     if len(prompt) >= model.context_length:
-        raise ContextError(f"the prompt has {len(prompt)} tokens but the context holds {model.context_length}; "
-                           f"shorten it (nothing was cut)")
+        raise ContextLengthError(f"the prompt has {len(prompt)} tokens but the context holds {model.context_length}; "
+                                 f"shorten it (nothing was cut)")
 
 
 def stream(model: Model, tokenizer: Tokenizer, prompt: Sequence[int], params: GenerationParams,

@@ -20,13 +20,16 @@ import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from edge import protocol
 from edge.chat import ChatTemplateError
-from edge.generate import ContextError, check_prompt
+from edge.cors import CORS
+from edge.generate import ContextError, ContextLengthError, check_prompt
 from edge.metrics import Metrics
 
 DONE = object()
@@ -38,6 +41,7 @@ class ServerSettings:
     max_queue: int = 8  # requests that may wait while one generates; more get 429
     max_body: int = 1 << 20  # largest request body in bytes
     model_name: str = "edge"  # the id /v1/models reports
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*" for any); none by default
 
 
 class Gate:
@@ -50,7 +54,7 @@ class Gate:
     async def enter(self) -> None:
         if self.lock.locked() and self.waiting >= self.max_queue:
             raise protocol.APIError(429, f"the server is busy ({self.waiting} requests waiting); retry shortly",
-                                    kind="rate_limit_exceeded")
+                                    kind="requests", code="rate_limit_exceeded")
         self.waiting += 1
         self.metrics.queue_depth = self.waiting
         try:
@@ -175,9 +179,18 @@ def make_app(engine_or_loader, settings: ServerSettings | None = None) -> Starle
         Route("/v1/chat/completions", endpoint(completions("chat"), state), methods=["POST"]),
         Route("/v1/completions", endpoint(completions("completion"), state), methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    middleware = [Middleware(CORS, origins=state.settings.cors_origins)] if state.settings.cors_origins else []
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware,
+                    exception_handlers={HTTPException: http_error})
     app.state.edge = state
     return app
+
+
+async def http_error(request: Request, e: HTTPException) -> Response:
+    """Unknown paths and methods answered with OpenAI's error body, as the endpoints answer."""
+    message = f"Invalid URL ({request.method} {request.url.path})" if e.status_code == 404 else e.detail
+    return JSONResponse(protocol.APIError(e.status_code, message).body(), status_code=e.status_code,
+                        headers=e.headers)
 
 
 def endpoint(handler, state: EdgeState):
@@ -198,12 +211,14 @@ def endpoint(handler, state: EdgeState):
 
 
 def check_key(request: Request, settings: ServerSettings) -> None:
+    """`Authorization: Bearer KEY`, the scheme in any case (RFC 7235), the key compared in constant time."""
     if settings.api_key is None:
         return
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+    scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+    right_key = hmac.compare_digest(given.strip().encode(), settings.api_key.encode())
+    if scheme.lower() != "bearer" or not right_key:
         raise protocol.APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
-                                kind="authentication_error")
+                                kind="authentication_error", code="invalid_api_key")
 
 
 async def health(request: Request) -> Response:
@@ -238,15 +253,7 @@ async def read_json(request: Request, limit: int) -> dict:
         body += part
         if len(body) > limit:
             raise protocol.APIError(413, f"request body is over the {limit}-byte limit")
-    try:
-        data = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise protocol.APIError(400, "request body is not valid UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise protocol.APIError(400, f"request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise protocol.APIError(400, "request body must be a JSON object")
-    return data
+    return protocol.decode_body(bytes(body))
 
 
 def completions(kind: str):
@@ -271,14 +278,16 @@ def completions(kind: str):
 
 def encode(engine, req: protocol.Request) -> list[int]:
     """Token ids of the request, checked as generation checks them (in a worker thread: templates and tokenizers)."""
+    field = "messages" if req.messages else "prompt"
     try:
         ids = engine.encode(req.prompt, req.messages)
-    except ChatTemplateError as e:
-        raise protocol.APIError(400, str(e), "messages") from None
-    try:
         check_prompt(engine.model, ids)
+    except ChatTemplateError as e:
+        raise protocol.APIError(400, str(e), "messages", code="invalid_value") from None
+    except ContextLengthError as e:
+        raise protocol.APIError(400, str(e), field, code="context_length_exceeded") from None
     except ContextError as e:
-        raise protocol.APIError(400, str(e), "messages" if req.messages else "prompt") from None
+        raise protocol.APIError(400, str(e), field, code="invalid_value") from None
     return ids
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+DOCUMENT_SEPARATOR = "<|endoftext|>"  # GPT-2's, Qwen's, SmolLM's: between documents in training
 REPLACEMENT = "\ufffd"  # what a decoder emits for bytes that do not yet form a whole UTF-8 character
 
 
@@ -15,6 +16,13 @@ class Tokenizer:
         anchor = self.backend.encode("a", add_special_tokens=False).ids
         self._anchor = anchor[-1:]  # a plain token to decode others after, so they keep their leading space
         self._anchor_text = self.backend.decode(self._anchor, skip_special_tokens=False)
+
+    def document_start(self, special_tokens: dict[str, str]) -> int | None:
+        """The token a text starts from when there is no text: BOS; else `<|endoftext|>`, the document separator
+        OpenAI's completions start an empty prompt from; else EOS (which ends the document before, in training)."""
+        names = (special_tokens.get("bos_token"), DOCUMENT_SEPARATOR, special_tokens.get("eos_token"))
+        ids = [self.backend.token_to_id(name) for name in names if name]
+        return next((i for i in ids if i is not None), None)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids

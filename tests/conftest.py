@@ -2,15 +2,23 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-from families import BY_NAME, STORIES, build_checkpoint
+from families import BY_NAME, STORIES, build_checkpoint, shared
 
-os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="edge-test-cache-"))  # verify records, not in ~
+# Every cache a test run writes (verify records, optimized models, onnxruntime's telemetry id, Hugging Face's) goes
+# to one temporary folder, whatever the environment says, and nothing is fetched from a hub.
+CACHE = Path(tempfile.mkdtemp(prefix="edge-test-cache-"))
+os.environ.update(XDG_CACHE_HOME=str(CACHE), HF_HOME=str(CACHE / "huggingface"), HF_HUB_OFFLINE="1")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(CACHE, ignore_errors=True)
 
 
 class Exports:
@@ -22,7 +30,7 @@ class Exports:
 
     def checkpoint(self, name: str) -> Path:
         if name == "stories260K":
-            return STORIES
+            return shared(STORIES)
         key = ("checkpoint", name)
         if key not in self.done:
             self.done[key] = build_checkpoint(BY_NAME[name], self.root / "hf" / name)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_edge
-from families import STORIES
+from families import STORIES, shared
 
 from export.errors import ExportError
 from export.pipeline import export
@@ -74,7 +74,7 @@ def partial_folders(parent: Path) -> list[Path]:
 @pytest.fixture
 def source(tmp_path):
     copy = tmp_path / "src"
-    shutil.copytree(STORIES, copy)
+    shutil.copytree(shared(STORIES), copy)
     return copy
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from families import STORIES
+from families import STORIES, shared
 
 import edge
 from export.errors import ExportError
@@ -69,7 +69,7 @@ def test_the_optimum_graph_stays_available(exports, tmp_path):
     args = dict(temperature=0, max_tokens=12)
     assert [r.token for r in slow.stream("Hello", **args)] == [r.token for r in fast.stream("Hello", **args)]
     with pytest.raises(ExportError, match="multiple of 16, not 8"):  # stories260K's heads are 8 wide
-        export(str(STORIES), str(tmp_path / "s"), quant="fp32", graph="fast")
+        export(str(shared(STORIES)), str(tmp_path / "s"), quant="fp32", graph="fast")
 
 
 def test_phi3_runs_on_the_fast_graph_with_its_window_and_longrope(exports):

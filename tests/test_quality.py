@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from families import STORIES
+from families import STORIES, shared
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import edge
@@ -20,8 +20,8 @@ def fp32(exports):
 
 
 def test_greedy_200_tokens_equal_transformers(fp32):
-    tokenizer = AutoTokenizer.from_pretrained(STORIES)
-    model = AutoModelForCausalLM.from_pretrained(STORIES, torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(shared(STORIES))
+    model = AutoModelForCausalLM.from_pretrained(shared(STORIES), torch_dtype=torch.float32).eval()
     prompt = tokenizer("Once upon a time").input_ids
     assert fp32.encode("Once upon a time") == prompt
     with torch.no_grad():
@@ -35,8 +35,8 @@ def test_greedy_200_tokens_equal_transformers(fp32):
 def test_long_prompt_prefills_in_chunks_like_one_pass(fp32):
     from edge.generate import PREFILL_CHUNK
 
-    tokenizer = AutoTokenizer.from_pretrained(STORIES)
-    model = AutoModelForCausalLM.from_pretrained(STORIES, torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(shared(STORIES))
+    model = AutoModelForCausalLM.from_pretrained(shared(STORIES), torch_dtype=torch.float32).eval()
     prompt = tokenizer(TEXT).input_ids
     assert len(prompt) > 2 * PREFILL_CHUNK
     with torch.no_grad():
@@ -85,7 +85,7 @@ def test_int8_stores_a_tied_embedding_once_where_its_rows_do_not_split_into_bloc
     from export.pipeline import export
 
     monkeypatch.setattr(quantize, "INT8_BLOCK", 128)  # stories260K's rows are 64 wide: no whole int8 blocks
-    export(str(STORIES), str(tmp_path / "b"), quant="int8")
+    export(str(shared(STORIES)), str(tmp_path / "b"), quant="int8")
     model = onnx.load(tmp_path / "b" / "model.onnx")
     assert len([t for t in model.graph.initializer if 512 in t.dims]) == 1  # the fp32 table, read by lm_head too
     assert "MatMulInteger" not in {n.op_type for n in model.graph.node if "lm_head" in n.name}

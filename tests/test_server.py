@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,8 +17,10 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from conftest import run_edge
 
 import edge
+import edge.engine
 from edge.server import ServerSettings, make_app
 
 MESSAGES = [{"role": "system", "content": "You are a storyteller."}, {"role": "user", "content": "Tell me a story 🦙"}]
@@ -184,26 +188,41 @@ def test_max_tokens_beyond_the_context_is_clamped(uds_server):
     assert reply.usage.prompt_tokens + reply.usage.completion_tokens == 512  # the demo's context
 
 
-HOSTILE = [
-    (b"{not json", 400, None),
-    ('{"messages": "hi"}'.encode(), 400, "messages"),
-    (b'{"messages": []}', 400, "messages"),
-    (b'{"max_tokens": 5}', 400, "messages"),
-    (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), 400, "messages[0].role"),
-    (json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), 400, "messages[0].content"),
-    (json.dumps({"messages": MESSAGES, "max_tokens": -1}).encode(), 400, "max_tokens"),
-    (json.dumps({"messages": MESSAGES, "max_tokens": 10**20}).encode(), 400, "max_tokens"),
-    (json.dumps({"messages": MESSAGES, "temperature": "hot"}).encode(), 400, "temperature"),
-    (json.dumps({"messages": MESSAGES, "temperature": 5}).encode(), 400, "temperature"),
-    (json.dumps({"messages": MESSAGES, "top_p": 0}).encode(), 400, "top_p"),
-    (json.dumps({"messages": MESSAGES, "stop": 3}).encode(), 400, "stop"),
-    (json.dumps({"messages": MESSAGES, "n": 2}).encode(), 400, "n"),
-    (json.dumps({"messages": MESSAGES, "tools": [{"type": "function"}]}).encode(), 400, "tools"),
-    (json.dumps({"messages": MESSAGES, "response_format": {"type": "json_object"}}).encode(), 400, "response_format"),
-    (json.dumps({"messages": MESSAGES, "logit_bias": {"1": 5}}).encode(), 400, "logit_bias"),
-    (json.dumps({"messages": [{"role": "user", "content": "word " * 400}]}).encode(), 400, "messages"),
-    (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None),
-    (b"[1, 2]", 400, None),
+DEEP = 100_000  # far past Python's recursion limit
+HOSTILE = [  # (body, status, param, code)
+    (b"{not json", 400, None, None),
+    (b"[" * DEEP, 400, None, None),
+    (b'{"messages": ' + b"[" * DEEP, 400, None, None),
+    (b'{"messages": [], "metadata": ' + b'{"a": ' * DEEP, 400, None, None),
+    (b'{"messages": [], "seed": ' + b"9" * 5000 + b"}", 400, None, None),  # past int()'s 4300-digit limit
+    (b'{"messages": [], "temperature": NaN}', 400, None, None),
+    (b'{"messages": [], "top_p": Infinity}', 400, None, None),
+    (b'{"messages": [], "temperature": -Infinity}', 400, None, None),
+    (b'{"messages": [], "temperature": 1e999}', 400, None, None),  # overflows to infinity
+    ('{"messages": "hi"}'.encode(), 400, "messages", "invalid_type"),
+    (b'{"messages": []}', 400, "messages", "empty_array"),
+    (b'{"max_tokens": 5}', 400, "messages", "missing_required_parameter"),
+    (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), 400, "messages[0].role", "invalid_value"),
+    (json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), 400, "messages[0].content", "invalid_type"),
+    (json.dumps({"messages": MESSAGES, "max_tokens": -1}).encode(), 400, "max_tokens", "integer_below_min_value"),
+    (json.dumps({"messages": MESSAGES, "max_tokens": 10**20}).encode(), 400, "max_tokens", "integer_above_max_value"),
+    (json.dumps({"messages": MESSAGES, "seed": 10**30}).encode(), 400, "seed", "integer_above_max_value"),
+    (json.dumps({"messages": MESSAGES, "top_k": 10**30}).encode(), 400, "top_k", "integer_above_max_value"),
+    (json.dumps({"messages": MESSAGES, "temperature": "hot"}).encode(), 400, "temperature", "invalid_type"),
+    (json.dumps({"messages": MESSAGES, "temperature": 5}).encode(), 400, "temperature", "decimal_above_max_value"),
+    (json.dumps({"messages": MESSAGES, "top_p": 0}).encode(), 400, "top_p", "decimal_below_min_value"),
+    (json.dumps({"messages": MESSAGES, "stop": 3}).encode(), 400, "stop", "invalid_type"),
+    (json.dumps({"messages": MESSAGES, "stop": ["x"] * 17}).encode(), 400, "stop", "array_above_max_length"),
+    (json.dumps({"messages": MESSAGES, "n": 2}).encode(), 400, "n", "unsupported_value"),
+    (json.dumps({"messages": MESSAGES, "tools": [{"type": "function"}]}).encode(), 400, "tools", "unsupported_value"),
+    (json.dumps({"messages": MESSAGES, "response_format": {"type": "json_object"}}).encode(), 400, "response_format",
+     "unsupported_value"),
+    (json.dumps({"messages": MESSAGES, "logit_bias": {"1": 5}}).encode(), 400, "logit_bias", "unsupported_value"),
+    (json.dumps({"messages": MESSAGES, "n": [[[[[[[[[[2]]]]]]]]]]}).encode(), 400, "n", "unsupported_value"),
+    (json.dumps({"messages": [{"role": "user", "content": "word " * 400}]}).encode(), 400, "messages",
+     "context_length_exceeded"),
+    (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None, None),
+    (b"[1, 2]", 400, None, "invalid_type"),
 ]
 
 
@@ -211,25 +230,91 @@ def test_hostile_requests_get_4xx_and_the_server_carries_on(chat_server):
     base, _ = chat_server
     good = {"messages": MESSAGES, "max_tokens": 3, "temperature": 0}
     want = httpx.post(f"{base}/v1/chat/completions", json=good, timeout=30).json()["choices"][0]["message"]
-    for body, status, param in HOSTILE:
+    for body, status, param, code in HOSTILE:
         response = httpx.post(f"{base}/v1/chat/completions", content=body, timeout=30,
                               headers={"content-type": "application/json"})
-        assert response.status_code == status, (body[:60], response.text)
+        assert response.status_code == status, (body[:60], response.text[:300])
         error = response.json()["error"]
-        assert error["message"] and error["param"] == param, (body[:60], error)
+        assert error["message"] and (error["param"], error["code"]) == (param, code), (body[:60], error)
+        assert len(error["message"]) < 300, error["message"]  # the client's value is not echoed whole
         again = httpx.post(f"{base}/v1/chat/completions", json=good, timeout=30)
         assert again.status_code == 200 and again.json()["choices"][0]["message"] == want
-    long = httpx.post(f"{base}/v1/chat/completions", timeout=30,
-                      json={"messages": [{"role": "user", "content": "word " * 400}]}).json()["error"]["message"]
-    assert "tokens but the context holds 256" in long
     big = httpx.post(f"{base}/v1/chat/completions", content=b"x" * (10 << 20), timeout=30)
     assert big.status_code == 413 and "limit" in big.json()["error"]["message"]
     ignored = {**good, "user": "u1", "metadata": {"a": "b"}, "store": False, "frobnicate": 1}
     assert httpx.post(f"{base}/v1/chat/completions", json=ignored, timeout=30).json()["choices"][0]["message"] == want
-    parts = {**good, "messages": [{"role": "system", "content": [{"type": "text", "text": "You are a storyteller."}]},
-                                  {"role": "user", "content": [{"type": "text", "text": "Tell me a "},
-                                                               {"type": "text", "text": "story 🦙"}]}]}
-    assert httpx.post(f"{base}/v1/chat/completions", json=parts, timeout=30).json()["choices"][0]["message"] == want
+    unknown = httpx.post(f"{base}/v1/chat/completion", json=good, timeout=30)
+    assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "Invalid URL (POST /v1/chat/completion)"
+    assert httpx.get(f"{base}/v1/chat/completions", timeout=30).json()["error"]["type"] == "invalid_request_error"
+
+
+def test_an_over_long_prompt_is_context_length_exceeded_for_the_client(chat_server, uds_server):
+    base, _ = chat_server
+    with pytest.raises(openai.BadRequestError) as chat:
+        client(base).chat.completions.create(model="x", messages=[{"role": "user", "content": "word " * 400}])
+    assert (chat.value.code, chat.value.param) == ("context_length_exceeded", "messages")
+    assert re.search(r"the prompt has \d+ tokens but the context holds 256", chat.value.message)
+    with pytest.raises(openai.BadRequestError) as completion:
+        uds_server.completions.create(model="x", prompt="Once upon a time " * 200)
+    assert (completion.value.code, completion.value.param) == ("context_length_exceeded", "prompt")
+    assert "tokens but the context holds 512" in completion.value.message
+
+
+def test_text_parts_are_joined_with_newlines(chat_server):
+    base, _ = chat_server
+    api = client(base)
+    args = dict(model="x", max_tokens=8, temperature=0)
+    parts = [{"role": "system", "content": [{"type": "text", "text": "You are a storyteller."}]},
+             {"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "the best book"}]}]
+    joined = [{"role": "system", "content": "You are a storyteller."},
+              {"role": "user", "content": "What is\nthe best book"}]
+    got = api.chat.completions.create(messages=parts, **args)
+    want = api.chat.completions.create(messages=joined, **args)
+    assert got.choices[0].message.content == want.choices[0].message.content
+    assert got.usage.prompt_tokens == want.usage.prompt_tokens
+
+
+def test_an_empty_prompt_starts_a_new_document(uds_server, chat_server):
+    demo = edge.load("demo")  # Llama: starts from BOS
+    assert demo.encode("") == demo.encode([]) == [demo.tokenizer.backend.token_to_id("<s>")]
+    want = demo.generate([1], max_tokens=24, temperature=0)
+    assert want.startswith("Once upon a time")  # TinyStories tells a story from nothing
+    reply = uds_server.completions.create(model="x", prompt="", max_tokens=24, temperature=0)
+    assert reply.choices[0].text == want and reply.usage.prompt_tokens == 1
+    streamed = uds_server.completions.create(model="x", prompt="", max_tokens=24, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == want
+    assert run_edge("run", "demo", "", "--max-tokens", "24").stdout == want + "\n"
+    assert run_edge("run", "demo", "--max-tokens", "24", stdin="").stdout == want + "\n"
+
+    base, qwen = chat_server  # Qwen: no BOS, so its document separator
+    start = qwen.tokenizer.backend.token_to_id("<|endoftext|>")
+    assert qwen.encode("") == [start]
+    reply = client(base).completions.create(model="x", prompt="", max_tokens=5, temperature=0)
+    assert reply.choices[0].text == qwen.generate([start], max_tokens=5, temperature=0)
+    assert reply.usage.prompt_tokens == 1
+
+
+def test_an_empty_prompt_to_a_model_with_no_start_token_is_refused(tmp_path):
+    from export.bundle import write_manifest
+
+    bundle = tmp_path / "no-specials"
+    shutil.copytree(edge.engine.DEMO, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["tokenizer"]["special_tokens"] = {}
+    tokenizer = json.loads((bundle / "tokenizer.json").read_text())
+    tokenizer["post_processor"] = None  # no BOS added either
+    (bundle / "tokenizer.json").write_text(json.dumps(tokenizer))
+    write_manifest(bundle, {k: v for k, v in manifest.items() if k != "files"})
+    engine = edge.load(bundle)
+    with pytest.raises(edge.ContextError, match="no BOS, <\\|endoftext\\|> or EOS"):
+        engine.generate("")
+    with in_process(make_app(engine)) as base:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client(base).completions.create(model="x", prompt="")
+        assert refused.value.param == "prompt" and "no BOS" in refused.value.message
+        assert client(base).completions.create(model="x", prompt="Once", max_tokens=2).usage.completion_tokens == 2
+    result = run_edge("run", str(bundle), "", check=False)
+    assert result.returncode == 1 and "edge: error: the prompt is empty" in result.stderr
 
 
 def test_eight_concurrent_clients(chat_server):
@@ -297,14 +382,80 @@ def test_api_key(tmp_path):
     app = make_app(edge.load("demo"), ServerSettings(api_key="s3cret"))
     with in_process(app) as base:
         body = {"prompt": "Once", "max_tokens": 2}
-        assert httpx.post(f"{base}/v1/completions", json=body).status_code == 401
-        assert httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
-        assert httpx.post(f"{base}/v1/completions", json=body,
-                          headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+        def status(authorization: str | None) -> int:
+            headers = {"Authorization": authorization} if authorization is not None else {}
+            response = httpx.post(f"{base}/v1/completions", json=body, headers=headers)
+            if response.status_code == 401:
+                assert response.json()["error"]["code"] == "invalid_api_key"
+            return response.status_code
+        # RFC 7235: the scheme is case-insensitive; the key is not
+        assert [status(a) for a in ("Bearer s3cret", "bearer s3cret", "BEARER s3cret", "Bearer  s3cret")] == [200] * 4
+        assert [status(a) for a in (None, "", "Bearer nope", "Bearer S3CRET", "Basic s3cret", "s3cret",
+                                    "Bearer", "Bearer s3cret2", "Bearers3cret")] == [401] * 9
         assert httpx.get(f"{base}/health").status_code == 200
         assert httpx.get(f"{base}/metrics").status_code == 401
         assert httpx.get(f"{base}/v1/models").status_code == 401
         assert client(base, "s3cret").models.list().data
+        with pytest.raises(openai.AuthenticationError) as wrong:
+            client(base, "nope").models.list()
+        assert wrong.value.code == "invalid_api_key"
+
+
+def preflight(base: str, origin: str) -> httpx.Response:
+    return httpx.options(f"{base}/v1/chat/completions", timeout=10, headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+
+
+def test_cors_for_listed_origins_only():
+    kiosk, dashboard, stranger = "http://kiosk.local", "http://localhost:3000", "http://evil.example"
+    with edge_serve("demo", "--cors-origin", kiosk, "--cors-origin", dashboard, "--api-key", "k") as (_, base):
+        for origin in (kiosk, dashboard):
+            allowed = preflight(base, origin)  # no API key: browsers send none with a preflight
+            assert allowed.status_code == 204 and allowed.content == b""
+            assert allowed.headers["access-control-allow-origin"] == origin
+            assert allowed.headers["access-control-allow-methods"] == "GET, POST, OPTIONS"
+            assert allowed.headers["access-control-allow-headers"] == "Authorization, Content-Type"
+            assert allowed.headers["vary"] == "Origin"
+        refused = preflight(base, stranger)
+        assert refused.status_code == 403 and "access-control-allow-origin" not in refused.headers
+        assert "not allowed" in refused.json()["error"]["message"]
+
+        body = {"prompt": "Once", "max_tokens": 3}
+        key = {"Authorization": "Bearer k"}
+        answered = httpx.post(f"{base}/v1/completions", json=body, headers={**key, "Origin": kiosk})
+        assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == kiosk
+        unlisted = httpx.post(f"{base}/v1/completions", json=body, headers={**key, "Origin": stranger})
+        assert unlisted.status_code == 200 and "access-control-allow-origin" not in unlisted.headers
+        no_key = httpx.post(f"{base}/v1/completions", json=body, headers={"Origin": kiosk})
+        assert no_key.status_code == 401 and no_key.headers["access-control-allow-origin"] == kiosk  # page reads why
+        with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True},
+                          headers={**key, "Origin": dashboard}) as streamed:
+            assert streamed.headers["access-control-allow-origin"] == dashboard
+            assert list(streamed.iter_lines())[-2:] == ["data: [DONE]", ""]
+        assert "access-control-allow-origin" not in httpx.post(f"{base}/v1/completions", json=body, headers=key).headers
+
+
+def test_cors_any_origin_and_the_profiles_default(tmp_path):
+    with in_process(make_app(edge.load("demo"), ServerSettings(cors_origins=("*",)))) as base:
+        anyone = preflight(base, "http://anything.example:8080")
+        assert anyone.status_code == 204 and anyone.headers["access-control-allow-origin"] == "*"
+        assert "vary" not in anyone.headers
+    profile = tmp_path / "kiosk.toml"
+    profile.write_text('name = "kiosk"\n[server]\ncors_origins = ["http://kiosk.local"]\n')
+    with edge_serve("demo", "--profile", str(profile)) as (_, base):
+        assert preflight(base, "http://kiosk.local").status_code == 204
+        assert preflight(base, "http://other.local").status_code == 403
+    with edge_serve("demo", "--profile", str(profile), "--cors-origin", "http://other.local") as (_, base):
+        assert preflight(base, "http://other.local").status_code == 204  # the flag replaces the profile's list
+        assert preflight(base, "http://kiosk.local").status_code == 403
+    for bad in ("http://kiosk.local/", "kiosk.local", "http://kiosk.local/app"):
+        refused = run_edge("serve", "demo", "--cors-origin", bad, check=False)
+        assert refused.returncode == 1 and "edge: error: CORS origin" in refused.stderr and "Traceback" not in refused.stderr
+    without = make_app(edge.load("demo"))  # no origins: no CORS at all, so a preflight is an unknown method
+    with in_process(without) as base:
+        assert preflight(base, "http://kiosk.local").status_code == 405
 
 
 def test_health_is_503_while_loading():

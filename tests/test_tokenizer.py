@@ -5,15 +5,12 @@ import sys
 
 import jinja2
 import pytest
-from families import BY_NAME, TOKENIZERS, write_tokenizer
+from families import BY_NAME, TOKENIZERS, shared, write_tokenizer
 from transformers import AutoTokenizer
 
 from edge.chat import ChatTemplate, ChatTemplateError
 from edge.tokenizer import Tokenizer
 from export.pipeline import _write_tokenizer
-
-sys.path.insert(0, str(TOKENIZERS))
-from tok_tests import load_vectors
 
 # tokenizer under test -> a family that uses it (for its chat template) and llama.cpp's reference vectors
 CASES = {
@@ -60,6 +57,9 @@ def test_llamacpp_reference_vectors(pair):
     vectors = CASES[name][1]
     if vectors is None:
         pytest.skip(f"llama.cpp ships no reference vectors for the {name} tokenizer")
+    sys.path.insert(0, str(shared(TOKENIZERS)))
+    from tok_tests import load_vectors
+
     texts, want = load_vectors(vectors)
     got = [ours.encode(t, add_special_tokens=False) for t in texts]
     mismatches = [t for t, g, w in zip(texts, got, want) if g != w]
