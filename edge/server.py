@@ -266,7 +266,7 @@ def completions(kind: str):
         try:
             engine.params(**req.params)
         except ValueError as e:
-            raise protocol.APIError(400, str(e)) from None
+            raise protocol.APIError(400, str(e), code="invalid_value") from None
         await state.gate.enter()
         generation = Generation(engine, ids, req.params, state.gate)
         generation.start()

@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from families import BY_NAME, STORIES, build_checkpoint, shared
 
@@ -50,6 +51,17 @@ class Exports:
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory) -> Exports:
     return Exports(tmp_path_factory.mktemp("exports"))
+
+
+def greedy_by_hand(engine, prompt: list[int], n: int) -> list[int]:
+    """Up to n greedy tokens taken straight from the model's logits, one forward pass per token, stopping after an
+    eos id: what a greedy stream of the engine must yield."""
+    cache = engine.model.new_cache()
+    logits, tokens = engine.model.forward(cache, np.array(prompt))[-1], []
+    while len(tokens) < n and (not tokens or tokens[-1] not in engine.eos_ids):
+        tokens.append(int(np.argmax(logits)))
+        logits = engine.model.forward(cache, np.array([tokens[-1]]))[-1]
+    return tokens
 
 
 def run_edge(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:

@@ -38,11 +38,18 @@ def test_chat_refuses_a_bundle_without_template():
 
 
 def test_chat_holds_a_conversation(exports):
+    import edge
+
     bundle = exports.bundle("qwen3")
     too_long = "word " * 300  # more than the fixture's 256-token context: refused, and the chat goes on
     result = run_edge("chat", str(bundle), "--max-tokens", "5", "--seed", "0", stdin=f"Hello\n{too_long}\nAnd again\n")
-    assert result.returncode == 0 and len(result.stdout.splitlines()) >= 2
-    assert "context holds 256" in result.stderr
+    assert result.returncode == 0 and "context holds 256" in result.stderr
+    engine, messages, replies = edge.load(bundle), [], []
+    for line in ("Hello", "And again"):  # the same conversation without the refused turn
+        messages.append({"role": "user", "content": line})
+        replies.append(engine.generate(messages=messages, max_tokens=5, seed=0))
+        messages.append({"role": "assistant", "content": replies[-1]})
+    assert result.stdout == "".join(reply + "\n" for reply in replies)
 
 
 def test_bad_bundle_is_one_clear_line(tmp_path):

@@ -71,6 +71,8 @@ def test_every_shipped_profile_validates():
     ('[export]\nquant = "int3"\n', "'export.quant' must be one of"),
     ('[memory]\nbudget = 100\n', "unknown key 'memory.budget'"),
     ('name = \n', "cannot read profile"),
+    ('[server]\ncors_origins = "http://kiosk.local"\n', "'server.cors_origins' must be a list"),
+    ('[server]\ncors_origins = [3000]\n', "'server.cors_origins[0]' must be str, not int"),
 ])
 def test_malformed_profiles_name_file_and_key(tmp_path, text, message):
     path = tmp_path / "mine.toml"
