@@ -238,6 +238,9 @@ def cmd_serve(args) -> int:
     settings = ServerSettings(api_key=key or None, max_queue=args.max_queue, max_body=args.max_body,
                               model_name=args.model_name or resolve(args.bundle).resolve().name,
                               cors_origins=_cors_origins(args))
+    if "*" in settings.cors_origins and not key:
+        print("edge: warning: CORS origin '*' without an API key: any web page opened on this machine can use "
+              "the model", file=sys.stderr)
     app = make_app(lambda: _load(args), settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, uds=args.uds, timeout_graceful_shutdown=args.grace,
                             log_level="info", access_log=False)

@@ -57,7 +57,8 @@ class CORS:
         if allowed:
             status, body = 204, b""
             headers = [(b"access-control-allow-methods", METHODS.encode()),
-                       (b"access-control-allow-headers", HEADERS.encode()), (b"access-control-max-age", MAX_AGE.encode())]
+                       (b"access-control-allow-headers", HEADERS.encode()),
+                       (b"access-control-max-age", MAX_AGE.encode())]
         else:
             status, headers = 403, [(b"content-type", b"application/json")]
             body = json.dumps({"error": {"message": f"origin {origin!r} is not allowed (edge serve --cors-origin)",

@@ -20,7 +20,7 @@ STORIES = SHARED / "models" / "stories260K" / "hf"
 def shared(path: Path) -> Path:
     """`path` under ../shared, or a skip that names it: a clone without ../shared still runs every other test."""
     if not path.exists():
-        pytest.skip(f"needs {path.relative_to(SHARED.parent)} (the project's shared fixtures, see README), "
+        pytest.skip(f"needs ../{path.relative_to(SHARED.parent)} (the project's shared fixtures, see README), "
                     f"which is absent")
     return path
 

@@ -438,10 +438,11 @@ def test_cors_for_listed_origins_only():
 
 
 def test_cors_any_origin_and_the_profiles_default(tmp_path):
-    with in_process(make_app(edge.load("demo"), ServerSettings(cors_origins=("*",)))) as base:
+    with edge_serve("demo", "--cors-origin", "*") as (process, base):
         anyone = preflight(base, "http://anything.example:8080")
         assert anyone.status_code == 204 and anyone.headers["access-control-allow-origin"] == "*"
         assert "vary" not in anyone.headers
+    assert "CORS origin '*' without an API key" in process.stdout.read().decode()
     profile = tmp_path / "kiosk.toml"
     profile.write_text('name = "kiosk"\n[server]\ncors_origins = ["http://kiosk.local"]\n')
     with edge_serve("demo", "--profile", str(profile)) as (_, base):
