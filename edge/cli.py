@@ -29,12 +29,18 @@ def main(argv: list[str] | None = None) -> int:
 def _huge_pages_if_profile_wants(profile: str) -> None:
     """Before onnxruntime allocates the weights, re-execute under glibc's huge-page tunable where the profile asks
     for it (see edge.hugepages); child processes inherit it."""
+    from edge import hugepages
+
+    hugepages.reexec(_profile(profile).memory.huge_pages)
+
+
+def _profile(spec: str):
+    """The device profile a command will run under (detected for "auto"), before any model is loaded."""
     import onnxruntime as ort
 
     from devices import resolve
-    from edge import hugepages
 
-    hugepages.reexec(resolve(profile, available=tuple(ort.get_available_providers())).profile.memory.huge_pages)
+    return resolve(spec, available=tuple(ort.get_available_providers())).profile
 
 
 def _is_user_error(e: Exception) -> bool:
@@ -254,11 +260,7 @@ def _cors_origins(args) -> tuple[str, ...]:
 
     if args.cors_origin:
         return check_origins(args.cors_origin)
-    import onnxruntime as ort
-
-    from devices import resolve
-
-    profile = resolve(args.profile, available=tuple(ort.get_available_providers())).profile
+    profile = _profile(args.profile)
     try:
         return check_origins(profile.server.cors_origins)
     except ValueError as e:

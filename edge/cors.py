@@ -10,6 +10,8 @@ import json
 import re
 from collections.abc import Iterable
 
+from edge.protocol import APIError
+
 METHODS = "GET, POST, OPTIONS"
 HEADERS = "Authorization, Content-Type"
 MAX_AGE = "600"  # seconds a browser may reuse a preflight answer
@@ -61,8 +63,8 @@ class CORS:
                        (b"access-control-max-age", MAX_AGE.encode())]
         else:
             status, headers = 403, [(b"content-type", b"application/json")]
-            body = json.dumps({"error": {"message": f"origin {origin!r} is not allowed (edge serve --cors-origin)",
-                                         "type": "invalid_request_error", "param": None, "code": None}}).encode()
+            refusal = APIError(403, f"origin {origin!r} is not allowed (edge serve --cors-origin)")
+            body = json.dumps(refusal.body()).encode()
         headers += self.grant(origin, allowed) + ([(b"content-length", str(len(body)).encode())] if body else [])
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

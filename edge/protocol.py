@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import reprlib
+import reprlib  # clients' values in messages, bounded in length and depth however big or nested
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -147,13 +147,8 @@ def _common(body: dict) -> dict:
 def _refuse_unsupported(body: dict) -> None:
     for name, unsupported in REFUSED.items():
         if name in body and unsupported(body[name]):
-            raise APIError(400, f"{name}={_short(body[name])} is not supported by this server", name,
+            raise APIError(400, f"{name}={reprlib.repr(body[name])} is not supported by this server", name,
                            code="unsupported_value")
-
-
-def _short(value) -> str:
-    """A client's value for a message: bounded in length and depth, however big or nested it is."""
-    return reprlib.repr(value)
 
 
 def _typed(body: dict, name: str, kind: type, default: Any = None) -> Any:
@@ -177,7 +172,7 @@ def _number(body: dict, name: str, kind: type, low, high, default: Any = None, l
     if too_low or too_high:
         bounds = f"{'>' if low_open else '>='} {low}" if high is None else f"in {'(' if low_open else '['}{low}, {high}]"
         code = f"{'integer' if kind is int else 'decimal'}_{'below_min' if too_low else 'above_max'}_value"
-        raise APIError(400, f"{name} must be {bounds}, got {_short(value)}", name, code=code)
+        raise APIError(400, f"{name} must be {bounds}, got {reprlib.repr(value)}", name, code=code)
     return kind(value)
 
 
