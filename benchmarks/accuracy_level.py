@@ -23,14 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     args = parse()
     import edge
-    from export.pipeline import export
+    from edge.export.pipeline import export
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or build_mid(Path(tmp) / "mid")
         engines = {}
-        for level, profile in ((0, "generic-arm64"), (4, "generic-x86-64")):  # int4 at level 0 / level 4
+        for level in (0, 4):
             out = Path(tmp) / f"int4-level{level}"
-            export(str(checkpoint), str(out), quant="int4", profile=profile)
+            export(str(checkpoint), str(out), quant="int4", accuracy_level=level)
             engines[level] = edge.load(out, profile="cpu")
         prompt = engines[0].encode("The quick brown fox jumps over the lazy dog. " * 8)
         times = {level: [] for level in engines}

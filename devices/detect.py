@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import platform
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devices.profiles import Profile, all_profiles, load_profile
+from edge.devices.profiles import Profile, all_profiles, load_profile
 
 ARM_PARTS = {"0xd03": "Cortex-A53", "0xd07": "Cortex-A57", "0xd08": "Cortex-A72", "0xd0b": "Cortex-A76",
              "0xd42": "Cortex-A78AE", "0xd05": "Cortex-A55", "0xd41": "Cortex-A78"}
@@ -31,6 +32,8 @@ class Device:
     mem_total_mb: int = 0  # MemTotal
     mem_available_mb: int = 0  # MemAvailable
     cgroup_limit_mb: int = 0  # memory.max (v2) or memory.limit_in_bytes (v1) of this process's cgroup; 0 = none
+    userland: str = ""  # the machine the programs are built for (aarch64, armv7l, x86_64, i686): on a 64-bit
+    # kernel it can still be 32-bit ARM, for which onnxruntime publishes no wheels
 
     @property
     def dot_product(self) -> bool:
@@ -62,8 +65,37 @@ def read_device(root: str | Path = "/") -> Device:
         performance_cores=sum(p.lower() not in LITTLE_CORES for p in parts) if parts else cores,
         tegra_release=_read(root / "etc/nv_tegra_release").split("\n", 1)[0].strip(),
         mem_total_mb=meminfo.get("MemTotal", 0), mem_available_mb=meminfo.get("MemAvailable", 0),
-        cgroup_limit_mb=_cgroup_limit(root),
+        cgroup_limit_mb=_cgroup_limit(root), userland=_userland(root),
     )
+
+
+ELF_MACHINES = {(2, 0xB7): "aarch64", (1, 0x28): "armv7l", (2, 0x3E): "x86_64", (1, 0x03): "i686"}
+
+
+def _userland(root: Path) -> str:
+    """What this interpreter (under "/") or the root's python3 / sh is built for, from its ELF header: `uname -m`
+    names the kernel, which says aarch64 under a 32-bit Raspberry Pi OS too."""
+    candidates = [Path(sys.executable)] if str(root) == "/" else []
+    candidates += [root / "usr/bin/python3", root / "bin/sh", root / "usr/bin/sh"]
+    for path in candidates:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(20)
+        except OSError:
+            continue
+        if len(head) == 20 and head[:4] == b"\x7fELF":
+            return ELF_MACHINES.get((head[4], int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")),
+                                    "unknown")
+    return ""
+
+
+def unsupported_userland(device: Device) -> str | None:
+    """Why edge-llm cannot run on this userland, in words a user can act on; None where it can."""
+    if device.userland in ("armv7l", "i686"):
+        kernel = f" on a 64-bit {device.arch} kernel" if device.arch in ("aarch64", "x86_64") else ""
+        return (f"this is a 32-bit ({device.userland}) userland{kernel}: onnxruntime publishes no 32-bit wheels, so "
+                "edge-llm cannot run here; install a 64-bit OS (e.g. Raspberry Pi OS 64-bit, arm64)")
+    return None
 
 
 def _read(path: Path) -> str:

@@ -2,7 +2,8 @@
 of one bundle, each run in a fresh process (so load time and peak RSS are its own), as median and min-max.
 
 Speed is shown here and never by timed tests. Absolute numbers on a shared machine are noise: compare engines
-in the same run (`--compare`, see edge/peers.py) and read the ratios.
+in the same run and read the ratios. The peers (onnxruntime-genai, optimum, llama.cpp) are not part of the runtime:
+benchmarks/compare.py runs them beside edge-llm from a checkout, with this module's alternate() and table().
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ FIGURES = ("load_s", "prefill_tok_s", "decode_tok_s", "ttft_s", "host_ms_per_tok
 def measure(bundle: str, prompt_tokens: int, new_tokens: int, threads: int, profile: str = "auto") -> dict:
     """One run in this process: load, prefill a fixed prompt, greedy-decode exactly new_tokens (no eos stop)."""
     import edge
-    from devices import resolve
+    from edge.devices import resolve
     from edge import generate as gen
 
     started = time.perf_counter()

@@ -38,7 +38,7 @@ def _profile(spec: str):
     """The device profile a command will run under (detected for "auto"), before any model is loaded."""
     import onnxruntime as ort
 
-    from devices import resolve
+    from edge.devices import resolve
 
     return resolve(spec, available=tuple(ort.get_available_providers())).profile
 
@@ -77,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--quant", choices=["fp32", "fp16", "int8", "int4"], help="default: the profile's, else int4")
     export.add_argument("--block-size", type=int, help="int4 block size (default: the profile's, else 32)")
     export.add_argument("--profile", help="the device profile to export for: its quantization, recorded as the target")
+    export.add_argument("--accuracy-level", type=int, choices=[0, 4], default=4,
+                        help="int4 compute: 4 (default) uses int8 activations where the CPU has the instructions and "
+                             "fp32 where not; 0 computes in fp32 everywhere (slower; for comparisons)")
     export.add_argument("--graph", default="auto", choices=["auto", "fast", "optimum"],
                         help="fast: fused ops and shared KV buffers (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3); "
                              "optimum: the traced graph (every family); auto (default): fast where covered")
@@ -101,19 +104,15 @@ def parser() -> argparse.ArgumentParser:
                             "repeat for several; default: the profile's, else none")
     serve.set_defaults(func=cmd_serve)
 
-    bench = sub.add_parser("bench", help="speed and memory of a bundle, each run in a fresh process")
+    bench = sub.add_parser("bench", help="speed and memory of a bundle, each run in a fresh process",
+                           epilog="To run onnxruntime-genai, optimum and llama.cpp beside it, use "
+                                  "benchmarks/compare.py from a checkout of edge-llm.")
     bench.add_argument("bundle", help="a bundle folder, or 'demo'")
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--runs", type=int, default=5)
     bench.add_argument("--threads", type=int, default=0, help="intra-op threads (default: the profile's)")
     bench.add_argument("--profile", default="auto")
-    bench.add_argument("--compare", metavar="HF_DIR", help="also build and run the peers from this checkpoint")
-    bench.add_argument("--peers", default="genai,optimum,llamacpp", help="which peers --compare runs")
-    bench.add_argument("--genai-venv", help="a virtual environment with onnxruntime-genai and transformers 5.x "
-                                           "(created under ~/.cache/edge-llm/peers when missing)")
-    bench.add_argument("--llamacpp-venv", help="a virtual environment with llama-cpp-python and gguf (default: "
-                                               "~/.cache/edge-llm/peers/llamacpp, then this one; never built here)")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     bench.set_defaults(func=cmd_bench)
 
@@ -135,6 +134,8 @@ def _add_bundle(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="a bundle folder, or 'demo' for the small story model that ships with edge-llm")
     p.add_argument("--profile", default="auto", help="device profile name or .toml path (default: auto)")
     p.add_argument("--context", type=int, help="context length to plan for (default: the profile's, capped by the model)")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="say on stderr which profile, providers and int4 kernels run, and how fast it went")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -154,9 +155,30 @@ def _sampling(args) -> dict:
 
 
 def _load(args):
+    import time
+
     import edge
 
-    return edge.load(args.bundle, profile=args.profile, context_length=args.context)
+    started = time.perf_counter()
+    engine = edge.load(args.bundle, profile=args.profile, context_length=args.context)
+    if getattr(args, "verbose", False):
+        _describe_engine(engine, time.perf_counter() - started)
+    return engine
+
+
+def _describe_engine(engine, load_s: float) -> None:
+    from edge.devices import read_device
+    from edge.kernels import describe, kernel_path
+
+    quant = engine.bundle.manifest.get("quantization", {})
+    path = kernel_path(read_device(), quant.get("method", "fp32"), quant.get("accuracy_level", 0),
+                       engine.model.providers[0])
+    for line in (f"bundle: {engine.bundle.path} ({quant.get('method', '?')}, accuracy level "
+                 f"{quant.get('accuracy_level', '-')}), loaded in {load_s:.2f} s",
+                 f"profile: {engine.profile.name}; providers: {', '.join(engine.model.providers)}; "
+                 f"context: {engine.context_length}",
+                 f"kernels: {describe(path)}"):
+        print(f"edge: {line}", file=sys.stderr)
 
 
 def _print_stream(records) -> str:
@@ -170,11 +192,26 @@ def _print_stream(records) -> str:
 
 
 def cmd_run(args) -> int:
+    import time
+
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     engine = _load(args)
-    _print_stream(engine.stream(prompt, **_sampling(args)))
+    started, stamps = time.perf_counter(), []
+    _print_stream(_stamped(engine.stream(prompt, **_sampling(args)), stamps))
     sys.stdout.write("\n")
+    if args.verbose and stamps:
+        decode = f", then {(len(stamps) - 1) / (stamps[-1] - stamps[0]):.1f} tokens/s" if len(stamps) > 1 else ""
+        print(f"edge: {len(stamps)} tokens; first after {stamps[0] - started:.3f} s{decode}", file=sys.stderr)
     return 0
+
+
+def _stamped(records, stamps: list[float]):
+    """The records as they come, noting when each arrived."""
+    import time
+
+    for record in records:
+        stamps.append(time.perf_counter())
+        yield record
 
 
 def cmd_chat(args) -> int:
@@ -218,12 +255,12 @@ def cmd_verify(args) -> int:
 
 def cmd_export(args) -> int:
     try:
-        from export.pipeline import export
+        from edge.export.pipeline import export
     except ImportError as e:
         print(f"edge: error: the exporter is not installed ({e}); pip install 'edge-llm[export]'", file=sys.stderr)
         return 1
     export(args.src, args.output, quant=args.quant, block_size=args.block_size, force=args.force, profile=args.profile,
-           graph=args.graph)
+           graph=args.graph, accuracy_level=args.accuracy_level)
     return 0
 
 
@@ -274,18 +311,13 @@ def cmd_bench(args) -> int:
     from edge.engine import resolve
 
     runners = {"edge": edge_runner(str(resolve(args.bundle)), args.threads, args.profile)}
-    if args.compare:
-        from edge.peers import runners as peer_runners
-
-        runners.update(peer_runners(args.compare, args.peers.split(","), args.threads, args.genai_venv,
-                                    args.llamacpp_venv))
     results = alternate(runners, args.prompt_tokens, args.new_tokens, args.runs)
     print(json.dumps(results, indent=2) if args.json else table(results))
     return 0
 
 
 def cmd_devices(args) -> int:
-    from devices import all_profiles, load_profile
+    from edge.devices import all_profiles, load_profile
 
     if args.action == "show":
         if not args.name:
@@ -294,7 +326,7 @@ def cmd_devices(args) -> int:
         return 0
     for p in all_profiles():
         print(f"{p.name:18} {'/'.join(n.replace('ExecutionProvider', '') for n in p.provider_names):14} "
-              f"{p.export.quant} (acc {p.export.accuracy_level})  {p.description}")
+              f"{p.export.quant:5} {p.description}")
     return 0
 
 

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from devices import Device, Profile, read_device, resolve
 from edge import hugepages, memory
+from edge.devices import Device, Profile, read_device, resolve, unsupported_userland
+from edge.kernels import describe, kernel_path
 from edge.bundle import BundleError, open_bundle
 from edge.engine import resolve as resolve_bundle
 from edge.session import MIN_ONNXRUNTIME, onnxruntime_version, too_old_for, usable
@@ -21,6 +22,7 @@ def report(root: str | Path = "/", bundle: str | Path | None = None, profile: st
     chosen, why = choice.profile, choice.reason
     lines = describe_device(device) + [f"profile: {chosen.name} ({why})", hugepages.describe(chosen.memory.huge_pages)]
     lines += describe_providers(chosen, have)
+    lines.append(f"int4 kernels (a default export, accuracy level 4): {describe(kernel_path(device))}")
     warnings = device_warnings(device, chosen)
     if bundle is not None:
         more_lines, more_warnings = describe_bundle(Path(bundle), chosen, device, context)
@@ -35,6 +37,7 @@ def describe_device(d: Device) -> list[str]:
         f"read under: {d.root}",
         f"architecture: {d.arch or '?'}; model: {d.model or '-'}",
         f"device-tree compatible: {', '.join(d.compatible) or '-'}",
+        f"userland: {d.userland or '?'}",
         f"CPU: {d.cores or '?'} cores ({cpus}); int8 dot-product instructions: {'yes' if d.dot_product else 'no'}",
         f"L4T release: {d.l4t or d.tegra_release or '-'}",
         f"memory: total {d.mem_total_mb} MB, available {d.mem_available_mb} MB, "
@@ -52,7 +55,7 @@ def describe_providers(profile: Profile, have: tuple[str, ...]) -> list[str]:
 
 
 def device_warnings(device: Device, profile: Profile) -> list[str]:
-    warnings = []
+    warnings = [why for why in [unsupported_userland(device)] if why]
     if onnxruntime_version() < MIN_ONNXRUNTIME:
         warnings.append(f"onnxruntime {ort.__version__} is older than {'.'.join(map(str, MIN_ONNXRUNTIME))}: "
                         f"int4/int8 bundles will not load")
@@ -76,17 +79,23 @@ def describe_bundle(path: Path, profile: Profile, device: Device, context: int |
     lines = [f"bundle: {path} ({manifest['family']}, {quant.get('method', '?')}, "
              f"accuracy level {quant.get('accuracy_level', 0)}, exported for {target or 'no particular board'})",
              f"memory at {context} tokens: about {need.total_mb:.0f} MB needed; {limit} allows "
-             f"{'unlimited' if have == float('inf') else f'{have:.0f} MB'}"]
+             f"{'unlimited' if have == float('inf') else f'{have:.0f} MB'}",
+             f"kernels for this bundle: {describe(bundle_kernels(manifest, profile, device))}"]
     warnings = []
     if need.total_mb > have:
         warnings.append(f"the model is over the memory budget ({need.total_mb:.0f} > {have:.0f} MB): "
                         f"use a smaller context or quantization")
-    if quant.get("accuracy_level") == 4 and not device.dot_product:
-        warnings.append("the bundle uses int8 dot-product kernels (accuracy level 4) but this CPU has no "
-                        "asimddp/VNNI: re-export with --profile " + profile.name)
     if too_old_for(manifest["onnx"].get("min_onnxruntime")):
         warnings.append(f"the bundle needs onnxruntime >= {manifest['onnx']['min_onnxruntime']} (sliding-window "
                         f"attention); this is {ort.__version__}")
     if target and target != profile.name:
         warnings.append(f"the bundle was exported for {target}, this board uses {profile.name}")
     return lines, warnings
+
+
+def bundle_kernels(manifest: dict, profile: Profile, device: Device):
+    """The kernel path of a bundle under the profile's first execution provider that this onnxruntime has."""
+    quant = manifest.get("quantization", {})
+    used = usable(profile, tuple(ort.get_available_providers()))
+    return kernel_path(device, quant.get("method", "fp32"), quant.get("accuracy_level", 0),
+                       used[0][0] if used else "CPUExecutionProvider")

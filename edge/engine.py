@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-import devices
-from devices import Profile, read_device
+from edge import devices
+from edge.devices import Profile, read_device
 from edge import generate as gen
 from edge import memory
 from edge.bundle import Bundle, BundleError, open_bundle
@@ -111,7 +111,4 @@ def warn_target(manifest: dict, profile: Profile, device) -> None:
     target = manifest.get("target") or {}
     if not target or target.get("profile") == profile.name:
         return
-    why = f"this bundle was exported for {target['profile']}; this board uses profile {profile.name}"
-    if target.get("accuracy_level") == 4 and not device.dot_product:
-        why += "; its int4 kernels use int8 dot-product instructions, which this CPU lacks: expect slower decoding"
-    warn_once(why)
+    warn_once(f"this bundle was exported for {target['profile']}; this board uses profile {profile.name}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from devices import Device, Profile
+from edge.devices import Device, Profile
 from edge.bundle import Bundle
 from edge.generate import PREFILL_CHUNK
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from devices import Profile
+from edge.devices import Profile
 from edge.bundle import Bundle
 from edge.cache import KVCache, SharedKVCache
 from edge.session import make_session, require_onnxruntime

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from devices import Profile
+from edge.devices import Profile
 from edge.bundle import BundleError, cache_dir
 
 LEVELS = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from export.errors import ExportError
+from edge.export.errors import ExportError
 
 # transformers model_type -> the family name written into the manifest
 FAMILIES = {

@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.convert import model_shape
-from export.errors import ExportError
+from edge.export.convert import model_shape
+from edge.export.errors import ExportError
 
 FUSED_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"}
 WINDOWED_FAMILIES = {"mistral", "phi3"}  # no layer_types in their configs: sliding_window applies to every layer

@@ -8,7 +8,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from export.errors import ExportError
+from edge.export.errors import ExportError
 
 STAGES = 6
 GEN_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -33,20 +33,25 @@ def _require_extra() -> None:
 
 
 def export(src: str, out: str, quant: str | None = None, block_size: int | None = None, force: bool = False,
-           profile: str | None = None, graph: str = "auto") -> dict:
+           profile: str | None = None, graph: str = "auto", accuracy_level: int = 4) -> dict:
     """Export a checkpoint folder to a bundle at `out`; returns the manifest.
 
     profile: a device profile name or .toml path; its quantization is used where quant/block_size are not given,
     and the bundle records it as its target.
     graph: "fast" (fused ops, shared KV buffers: Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3), "optimum" (the
     traced graph, every family), or "auto": fast where the family is covered, else optimum.
+    accuracy_level (int4): 4 asks for int8 activations, which onnxruntime uses where the CPU has the instructions
+    and replaces by fp32 compute where not (edge/kernels.py); 0 always computes in fp32, for comparisons.
     """
-    target = _target(profile, quant, block_size)
+    if accuracy_level not in (0, 4):
+        raise ExportError(f"accuracy level {accuracy_level!r}: choose 4 (int8 activations where the CPU has them, "
+                          f"the default) or 0 (fp32 compute everywhere)")
+    target = _target(profile, quant, block_size, accuracy_level)
     quant = target["quant"]
     _require_extra()
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
-    from export import bundle, convert, quantize, validate
-    from export import graph as fast_graph
+    from edge.export import bundle, convert, quantize, validate
+    from edge.export import graph as fast_graph
 
     if quant not in quantize.METHODS:
         raise ExportError(f"unknown --quant {quant!r}; choose one of {', '.join(quantize.METHODS)}")
@@ -91,8 +96,8 @@ def _onnx_stage(kind: str, model, shape: dict, scratch: Path):
     import onnx
     import onnxruntime as ort
 
-    from export import convert
-    from export import graph as fast_graph
+    from edge.export import convert
+    from edge.export import graph as fast_graph
 
     how = "fused ops, built from the weights" if kind == "fast" else "optimum"
     stage(3, f"exporting to ONNX with a KV cache ({how})")
@@ -110,7 +115,7 @@ def _quantize_stage(raw_file: Path, target: dict, folder: Path, tokenizer, refer
     import onnx
     import onnxruntime as ort
 
-    from export import bundle, quantize, validate
+    from edge.export import bundle, quantize, validate
 
     model = quantize.quantize(onnx.load(raw_file), target["quant"], target["block_size"], target["accuracy_level"])
     files = bundle.save_model(model, folder)
@@ -145,7 +150,7 @@ def _write_tokenizer(tokenizer, folder: Path) -> dict:
 
 
 def _graph_kind(graph: str, config) -> str:
-    from export import graph as fast_graph
+    from edge.export import graph as fast_graph
 
     reason = fast_graph.unsupported(config)
     if graph == "fast" and reason:
@@ -160,8 +165,8 @@ def _graph_kind(graph: str, config) -> str:
 def _to_onnx(kind: str, model, shape: dict, folder: Path) -> Path:
     import onnx
 
-    from export import convert
-    from export import graph as fast_graph
+    from edge.export import convert
+    from edge.export import graph as fast_graph
 
     if kind == "optimum":
         return convert.to_onnx(model, folder)
@@ -172,10 +177,10 @@ def _to_onnx(kind: str, model, shape: dict, folder: Path) -> Path:
     return file
 
 
-def _target(profile: str | None, quant: str | None, block_size: int | None) -> dict:
+def _target(profile: str | None, quant: str | None, block_size: int | None, accuracy_level: int) -> dict:
     """What to produce: the profile's choices (or the defaults), overridden by explicit flags."""
-    from devices import ProfileError, load_profile
-    from devices.profiles import Export
+    from edge.devices import ProfileError, load_profile
+    from edge.devices.profiles import Export
 
     try:
         chosen = load_profile(profile) if profile else None
@@ -184,7 +189,7 @@ def _target(profile: str | None, quant: str | None, block_size: int | None) -> d
     prefs = chosen.export if chosen else Export()
     quant = quant or prefs.quant
     return {"profile": chosen.name if chosen else None, "quant": quant, "block_size": block_size or prefs.block_size,
-            "accuracy_level": prefs.accuracy_level if quant == "int4" else 0}
+            "accuracy_level": accuracy_level if quant == "int4" else 0}
 
 
 def _manifest(family: str, config: dict, model, tokenizer, source: Path, shape, spec, target: dict, figures) -> dict:
@@ -197,7 +202,7 @@ def _manifest(family: str, config: dict, model, tokenizer, source: Path, shape, 
         "quantization": {"method": target["quant"], **({"block_size": target["block_size"], "symmetric": True,
                                                          "accuracy_level": target["accuracy_level"]}
                                                         if target["quant"] == "int4" else {})},
-        "target": {"profile": target["profile"], "accuracy_level": target["accuracy_level"]} if target["profile"] else None,
+        "target": {"profile": target["profile"]} if target["profile"] else None,
         "generation": _generation(model, tokenizer, source),
         "validation": figures,
         "created_by": {name: _version(name) for name in

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from export.errors import ExportError
+from edge.export.errors import ExportError
 
 METHODS = ("fp32", "fp16", "int8", "int4")
 FP16_MAX = 65504.0
@@ -25,9 +25,9 @@ def quantize(model: onnx.ModelProto, method: str, block_size: int = 32, accuracy
     if method not in METHODS:
         raise ExportError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
     if method == "int4":
-        return to_int4(model, block_size, accuracy_level)
+        return to_int4(_head_copy(model), block_size, accuracy_level)
     if method == "int8":
-        return to_int8(model)
+        return to_int8(_head_copy(model))
     model = share_tied_embedding(model)
     return to_fp16(model) if method == "fp16" else model
 
@@ -64,6 +64,26 @@ def _tied(model: onnx.ModelProto):
         return None
     same = np.array_equal(numpy_helper.to_array(inits[head.input[1]]), numpy_helper.to_array(table).T)
     return (gather, head) if same else None
+
+
+def _head_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give a lm_head that reads the embedding through a Transpose (optimum's weight deduplication, which runs
+    where accelerate is installed, writes it so) its own transposed copy back: the int4/int8 recipes look for the
+    tied pair as two tables, and store it once, quantized, when they find it."""
+    gather = _find_embedding(model)
+    table = gather.input[0]
+    for node in model.graph.node:
+        perm = [helper.get_attribute_value(a) for a in node.attribute if a.name == "perm"]
+        if node.op_type != "Transpose" or list(node.input) != [table] or perm not in ([], [[1, 0]]):
+            continue
+        readers = [n for n in model.graph.node if node.output[0] in n.input]
+        if len(readers) == 1 and readers[0].op_type == "MatMul" and "lm_head" in readers[0].name:
+            weight = numpy_helper.to_array(_initializers(model)[table]).T
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), table + "_lm_head"))
+            readers[0].input[1] = table + "_lm_head"
+            model.graph.node.remove(node)
+        break
+    return model
 
 
 def share_tied_embedding(model: onnx.ModelProto) -> onnx.ModelProto:

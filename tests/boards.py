@@ -82,8 +82,14 @@ BOARDS = {
 }
 
 
-def write_root(root: Path, name: str, mem_available_mb: int | None = None, cgroup_limit_mb: int | None = None) -> Path:
-    """A folder laid out like `/` on the board: proc/device-tree, proc/cpuinfo, proc/meminfo, etc/nv_tegra_release."""
+ELF_HEADERS = {  # EI_CLASS (1: 32-bit, 2: 64-bit) and e_machine of an ELF program, as `readelf -h` reads them
+    "aarch64": (2, 0xB7), "armv7l": (1, 0x28), "x86_64": (2, 0x3E)}
+
+
+def write_root(root: Path, name: str, mem_available_mb: int | None = None, cgroup_limit_mb: int | None = None,
+               userland: str | None = None) -> Path:
+    """A folder laid out like `/` on the board: proc/device-tree, proc/cpuinfo, proc/meminfo, etc/nv_tegra_release,
+    and with `userland` a usr/bin/python3 whose ELF header says what its programs are built for."""
     _, model, compatible, cpu, cores, model_line, release, mem_total = BOARDS[name]
     if model:
         _write(root / "proc/device-tree/model", model + "\0")
@@ -97,6 +103,11 @@ def write_root(root: Path, name: str, mem_available_mb: int | None = None, cgrou
     if cgroup_limit_mb:
         _write(root / "proc/self/cgroup", "0::/edge.slice\n")
         _write(root / "sys/fs/cgroup/edge.slice/memory.max", f"{cgroup_limit_mb << 20}\n")
+    if userland:
+        bits, machine = ELF_HEADERS[userland]
+        header = b"\x7fELF" + bytes([bits, 1, 1]) + bytes(9) + (2).to_bytes(2, "little") + machine.to_bytes(2, "little")
+        (root / "usr/bin").mkdir(parents=True, exist_ok=True)
+        (root / "usr/bin/python3").write_bytes(header + bytes(44))
     return root
 
 

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from families import BY_NAME, STORIES, build_checkpoint, shared
+from families import BY_NAME, SMOLLM2, STORIES, build_checkpoint, shared
 
 # Every cache a test run writes (verify records, optimized models, onnxruntime's telemetry id, Hugging Face's) goes
 # to one temporary folder, whatever the environment says, and nothing is fetched from a hub.
 CACHE = Path(tempfile.mkdtemp(prefix="edge-test-cache-"))
 os.environ.update(XDG_CACHE_HOME=str(CACHE), HF_HOME=str(CACHE / "huggingface"), HF_HUB_OFFLINE="1")
+# the peer comparison lives in benchmarks/, outside the runtime package: its tests import it from there
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def pytest_unconfigure(config):
@@ -34,16 +36,27 @@ class Exports:
             return shared(STORIES)
         key = ("checkpoint", name)
         if key not in self.done:
-            self.done[key] = build_checkpoint(BY_NAME[name], self.root / "hf" / name)
+            self.done[key] = self._smollm2() if name == "smollm2-135m" else build_checkpoint(BY_NAME[name],
+                                                                                          self.root / "hf" / name)
         return self.done[key]
 
-    def bundle(self, name: str, quant: str = "fp32") -> Path:
-        from export.pipeline import export
+    def _smollm2(self) -> Path:
+        """The real SmolLM2-135M-Instruct, written from ../shared's GGUF by its own tool (~25 s, once a run)."""
+        tool = shared(SMOLLM2) / "tools" / "gguf_to_hf.py"
+        out = self.root / "hf" / "smollm2-135m"
+        subprocess.run([sys.executable, str(tool), str(out)], check=True, capture_output=True)
+        return out
 
-        key = ("bundle", name, quant)
+    def bundle(self, name: str, quant: str = "fp32", accuracy_level: int = 4) -> Path:
+        """accuracy_level: int4's MatMulNBits compute; 4 (int8 activations where the CPU has them) is the default
+        of every export, 0 (fp32 compute) is what tests that restate the arithmetic exactly need."""
+        from edge.export.pipeline import export
+
+        level = accuracy_level if quant == "int4" else 4
+        key = ("bundle", name, quant, level)
         if key not in self.done:
-            out = self.root / "bundles" / f"{name}-{quant}"
-            export(str(self.checkpoint(name)), str(out), quant=quant)
+            out = self.root / "bundles" / (f"{name}-{quant}" + ("" if level == 4 else f"-level{level}"))
+            export(str(self.checkpoint(name)), str(out), quant=quant, accuracy_level=level)
             self.done[key] = out
         return self.done[key]
 
@@ -51,6 +64,20 @@ class Exports:
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory) -> Exports:
     return Exports(tmp_path_factory.mktemp("exports"))
+
+
+@pytest.fixture(scope="session")
+def runtime_wheel(tmp_path_factory) -> Path:
+    """edge-llm's wheel, built from a copy of the sources (a build writes build/ and *.egg-info beside them)."""
+    root, src = Path(__file__).resolve().parents[1], tmp_path_factory.mktemp("wheel-src")
+    for name in ("edge", "export", "devices"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src), "-w",
+                    str(out)], check=True, capture_output=True)
+    return next(out.glob("edge_llm-*.whl"))
 
 
 def greedy_by_hand(engine, prompt: list[int], n: int) -> list[int]:

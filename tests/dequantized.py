@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from export.quantize import INT8_BLOCK
+from edge.export.quantize import INT8_BLOCK
 
 
 def blockwise(w: torch.Tensor, block: int, bits: int) -> torch.Tensor:

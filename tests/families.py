@@ -15,6 +15,7 @@ import pytest
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"  # ../shared: real tokenizers and models (README)
 TOKENIZERS = SHARED / "tokenizers"
 STORIES = SHARED / "models" / "stories260K" / "hf"
+SMOLLM2 = SHARED / "models" / "smollm2-135m-instruct"  # a GGUF; tools/gguf_to_hf.py writes the checkpoint
 
 
 def shared(path: Path) -> Path:

@@ -1,7 +1,6 @@
 """`edge bench` reports every figure from fresh processes; the table shows ratios to each peer."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -32,18 +31,3 @@ def test_table_gives_ratios_to_peers():
     text = table({"edge": one, "genai": half})
     assert "| decode_tok_s | 2 (1-3) | 1 (1-1) | x2.00 |" in text
     assert "| host_ms_per_token | 2 (1-3) | n/a | n/a |" in text
-
-
-def test_compare_runs_the_optimum_peer(exports, tmp_path, monkeypatch):
-    import edge.peers
-    from edge.bench import alternate, edge_runner
-    from edge.peers import runners
-
-    monkeypatch.setattr(edge.peers, "CACHE", tmp_path / "peers")  # not the user's ~/.cache
-    checkpoint = exports.checkpoint("qwen2.5")  # optimum's ORTModel mis-sizes the cache of an explicit head_dim
-    peers = runners(str(checkpoint), ["optimum", "llamacpp"], threads=1)
-    llamacpp_here = all(importlib.util.find_spec(m) for m in ("llama_cpp", "gguf"))
-    assert set(peers) == {"optimum"} | ({"llamacpp"} if llamacpp_here else set())  # else skipped with a reason
-    results = alternate({"edge": edge_runner(str(exports.bundle("qwen2.5")), 1), **peers}, 16, 8, 1)
-    for engine in ("edge", "optimum"):
-        assert results[engine]["decode_tok_s"]["median"] > 0 and results[engine]["peak_rss_mb"]["median"] > 0

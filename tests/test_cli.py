@@ -11,8 +11,8 @@ import pytest
 from conftest import run_edge
 from families import STORIES, shared
 
-from export.errors import ExportError
-from export.pipeline import export
+from edge.export.errors import ExportError
+from edge.export.pipeline import export
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def test_failed_export_keeps_the_existing_bundle(source, tmp_path, monkeypatch):
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
-    monkeypatch.setattr("export.quantize.quantize", broken)
+    monkeypatch.setattr("edge.export.quantize.quantize", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         export(str(source), str(out), quant="int4", force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not partial_folders(tmp_path)

@@ -12,7 +12,7 @@ from boards import BOARDS, write_root
 from conftest import run_edge
 
 import edge
-from devices import ProfileError, all_profiles, choose_profile, load_profile, profile_names, read_device
+from edge.devices import ProfileError, all_profiles, choose_profile, load_profile, profile_names, read_device
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"raspberry-pi-4", "raspberry-pi-5", "jetson-nano", "jetson-orin-nano", "jetson-orin-nx", "jetson-agx-orin",
@@ -55,8 +55,6 @@ def test_every_shipped_profile_validates():
     for p in profiles.values():
         assert p.description and p.providers and p.cpu.spinning_reason, p.name
         assert p.providers[-1].name == "CPUExecutionProvider", f"{p.name}: CPU must remain the last resort"
-    assert profiles["raspberry-pi-5"].export.accuracy_level == 4  # asimddp
-    assert profiles["raspberry-pi-4"].export.accuracy_level == 0  # no asimddp on Cortex-A72
     assert profiles["jetson-orin-nano"].provider_names[0] == "CUDAExecutionProvider"
     assert "Python 3.10" in profiles["jetson-nano"].notes
 
@@ -69,6 +67,7 @@ def test_every_shipped_profile_validates():
     ('[[providers]]\nname = "CPUExecutionProvider"\nthreads = 2\n', "unknown key 'providers[0].threads'"),
     ('[session]\ngraph_optimization = "max"\n', "'session.graph_optimization' must be one of"),
     ('[export]\nquant = "int3"\n', "'export.quant' must be one of"),
+    ('[export]\naccuracy_level = 0\n', "'export.accuracy_level' is no longer a profile setting: every int4 export"),
     ('[memory]\nbudget = 100\n', "unknown key 'memory.budget'"),
     ('name = \n', "cannot read profile"),
     ('[server]\ncors_origins = "http://kiosk.local"\n', "'server.cors_origins' must be a list"),
@@ -120,23 +119,51 @@ def test_optimized_model_cache_gives_the_same_output(tmp_path, monkeypatch):
 
 
 def test_export_for_a_profile_records_the_target(exports, tmp_path, capsys):
-    from export.pipeline import export
+    from edge.export.pipeline import export
 
     manifest = export(str(exports.checkpoint("stories260K")), str(tmp_path / "pi5"), profile="raspberry-pi-5")
-    assert manifest["target"] == {"profile": "raspberry-pi-5", "accuracy_level": 4}
+    assert manifest["target"] == {"profile": "raspberry-pi-5"}
     assert manifest["quantization"]["method"] == "int4" and manifest["quantization"]["accuracy_level"] == 4
     assert edge.load(tmp_path / "pi5", profile="raspberry-pi-4").generate("Once", max_tokens=5)
     assert "exported for raspberry-pi-5; this board uses profile raspberry-pi-4" in capsys.readouterr().err
-    # doctor on a Pi 4's files: no dot-product instructions for this bundle's kernels
+    # doctor on a Pi 4's files: no dot-product instructions, so onnxruntime computes this bundle in fp32
     root = write_root(tmp_path / "pi4", "pi4")
     out = run_edge("doctor", "--root", str(root), "--bundle", str(tmp_path / "pi5")).stdout
     assert "profile: raspberry-pi-4 (device-tree compatible 'raspberrypi,4-model-b'" in out
-    assert "no asimddp" in out and "exported for raspberry-pi-5" in out
+    assert "kernels for this bundle: fp32 compute with NEON fp32 (the CPU has no dot-product" in out
+    assert "exported for raspberry-pi-5" in out
+
+
+@pytest.mark.parametrize("userland, refused", [("armv7l", True), ("aarch64", False)])
+def test_doctor_refuses_a_32_bit_userland_on_a_64_bit_kernel(tmp_path, userland, refused):
+    """Raspberry Pi OS 32-bit on a Pi 4 or 5 runs a 64-bit kernel (`uname -m` aarch64) under armhf programs:
+    onnxruntime has no wheels for those."""
+    root = write_root(tmp_path / "pi", "pi4", userland=userland)
+    assert read_device(root).userland == userland
+    out = run_edge("doctor", "--root", str(root)).stdout
+    assert f"userland: {userland}" in out
+    message = "warning: this is a 32-bit (armv7l) userland on a 64-bit aarch64 kernel: onnxruntime publishes no"
+    assert (message in out) == refused
+
+
+@pytest.mark.parametrize("board, level, compute, kernels", [
+    ("pi4", 4, "fp32", "NEON fp32"), ("pi5", 4, "int8", "NEON dot-product (SDOT)"), ("pi5", 0, "fp32", "NEON"),
+    ("orin-nx", 4, "int8", "NEON dot-product (SDOT)"), ("jetson-nano-l4t", 4, "fp32", "NEON fp32"),
+    ("x86-pc", 4, "int8", "AVX2"),
+])
+def test_kernel_path_follows_the_cpu_and_the_bundle(tmp_path, board, level, compute, kernels):
+    from edge.kernels import kernel_path
+
+    path = kernel_path(read_device(write_root(tmp_path / board, board)), "int4", level)
+    assert (path.compute, path.kernels) == (compute, kernels), path
+    assert kernel_path(read_device(write_root(tmp_path / board, board)), "int4", 4, "CUDAExecutionProvider").compute \
+        == "provider"
 
 
 def test_doctor_on_this_machine_and_cli_listing():
     out = run_edge("doctor", "--bundle", "demo").stdout
     assert "profile:" in out and "would use: CPUExecutionProvider" in out and "memory at 512 tokens" in out
+    assert "int4 kernels (a default export, accuracy level 4): " in out and "kernels for this bundle: " in out
     listing = run_edge("devices").stdout
     assert all(name in listing for name in REQUIRED)
     shown = run_edge("devices", "show", "raspberry-pi-5").stdout

@@ -1,10 +1,10 @@
-"""The llama.cpp peer's GGUF conversion: names, the rope row order, and reading safetensors without torch."""
+"""The llama.cpp peer's GGUF conversion (benchmarks/llamacpp.py): names, the rope row order, and reading safetensors without torch."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edge.llamacpp import gguf_name, read_safetensors, rope_permute
+from llamacpp import gguf_name, read_safetensors, rope_permute
 
 
 @pytest.mark.parametrize("name, want", [
@@ -53,7 +53,7 @@ def test_safetensors_are_read_like_torch_reads_them(tmp_path):
 
 def test_the_f16_gguf_holds_every_tensor_under_llama_cpp_names(exports, tmp_path):
     gguf = pytest.importorskip("gguf")
-    from edge.llamacpp import write_f16
+    from llamacpp import write_f16
 
     checkpoint = exports.checkpoint("qwen2.5")
     write_f16(checkpoint, tmp_path / "m.gguf")
@@ -73,7 +73,7 @@ def test_rope_factors_give_transformers_frequencies(exports, name):
 
     from transformers import AutoModelForCausalLM
 
-    from edge.llamacpp import rope_factors
+    from llamacpp import rope_factors
 
     checkpoint = exports.checkpoint(name)
     config = json.loads((checkpoint / "config.json").read_text())

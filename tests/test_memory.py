@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import edge
-from devices import Device, load_profile
+from edge.devices import Device, load_profile
 from edge import memory
 from edge.bundle import open_bundle
 

@@ -81,8 +81,8 @@ def test_quantized_bundles_store_the_tied_embedding_once(exports, quant):
 def test_int8_stores_a_tied_embedding_once_where_its_rows_do_not_split_into_blocks(tmp_path, monkeypatch):
     import onnx
 
-    from export import quantize
-    from export.pipeline import export
+    from edge.export import quantize
+    from edge.export.pipeline import export
 
     monkeypatch.setattr(quantize, "INT8_BLOCK", 128)  # stories260K's rows are 64 wide: no whole int8 blocks
     export(str(shared(STORIES)), str(tmp_path / "b"), quant="int8")

@@ -295,7 +295,7 @@ def test_an_empty_prompt_starts_a_new_document(uds_server, chat_server):
 
 
 def test_an_empty_prompt_to_a_model_with_no_start_token_is_refused(tmp_path):
-    from export.bundle import write_manifest
+    from edge.export.bundle import write_manifest
 
     bundle = tmp_path / "no-specials"
     shutil.copytree(edge.engine.DEMO, bundle)

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from edge.chat import ChatTemplate, ChatTemplateError
 from edge.tokenizer import Tokenizer
-from export.pipeline import _write_tokenizer
+from edge.export.pipeline import _write_tokenizer
 
 # tokenizer under test -> a family that uses it (for its chat template) and llama.cpp's reference vectors
 CASES = {

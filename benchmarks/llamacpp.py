@@ -1,4 +1,4 @@
-"""The llama.cpp peer of `edge bench --compare`: a GGUF of the checkpoint, then timed runs through llama-cpp-python.
+"""The llama.cpp peer of benchmarks/compare.py: a GGUF of the checkpoint, then timed runs through llama-cpp-python.
 
 Runs as a script inside llama-cpp-python's own environment (numpy, gguf, llama_cpp; nothing of edge-llm):
 

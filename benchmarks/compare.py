@@ -1,4 +1,8 @@
-"""The peers `edge bench --compare HF_DIR` runs beside edge-llm, built from the same checkpoint.
+"""edge-llm against its peers, built from the same checkpoint, run in alternation in one session: ratios, not
+absolute times, are what a shared machine can show. Run from a checkout (the peers are not part of the runtime):
+
+    python benchmarks/compare.py BUNDLE HF_DIR [--peers genai,optimum,llamacpp] [--runs 5] [--threads 2]
+           [--prompt-tokens 128] [--new-tokens 128] [--also LABEL=BUNDLE ...] [--genai-venv DIR] [--llamacpp-venv DIR]
 
 Each peer runs one measurement per fresh process, like edge-llm's own runs, so that load time and peak RSS are
 its own. None of them is a dependency of edge-llm:
@@ -11,6 +15,7 @@ its own. None of them is a dependency of edge-llm:
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -18,6 +23,7 @@ import sys
 from pathlib import Path
 
 from edge import hugepages
+from edge.bench import alternate, edge_runner, table
 from edge.bundle import cache_dir
 
 CACHE = cache_dir("peers")
@@ -135,7 +141,7 @@ def optimum_runner(hf_dir: Path, threads: int):
         raise PeerUnavailable(f"optimum.onnxruntime is not installed ({e}); pip install 'edge-llm[export]'") from e
     out = CACHE / f"optimum-{_key(hf_dir)}"
     if not (out / "model.onnx").exists():
-        from export.pipeline import export
+        from edge.export.pipeline import export
 
         export(str(hf_dir), str(out), quant="int4", profile="generic-x86-64", graph="optimum", force=True)
         for name in ("config.json", "generation_config.json"):
@@ -195,3 +201,35 @@ def runners(hf_dir: str, peers: list[str], threads: int, genai_venv: str | None 
         except PeerUnavailable as e:
             print(f"edge bench: skipping {name}: {e}", file=sys.stderr)
     return ready
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundle", help="the edge-llm bundle to measure")
+    parser.add_argument("hf_dir", help="the checkpoint the bundle was exported from; the peers are built from it")
+    parser.add_argument("--peers", default="genai,optimum,llamacpp", help="which peers to run (%(default)s)")
+    parser.add_argument("--also", action="append", default=[], metavar="LABEL=BUNDLE",
+                        help="another edge-llm bundle to run in the same rounds (e.g. another export of the model)")
+    parser.add_argument("--runs", type=int, default=5, help="alternated rounds (%(default)s)")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads for every engine (0: their own)")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--genai-venv", help="a virtual environment with onnxruntime-genai and transformers 5.x "
+                                             "(created under ~/.cache/edge-llm/peers when missing)")
+    parser.add_argument("--llamacpp-venv", help="a virtual environment with llama-cpp-python and gguf (default: "
+                                                "~/.cache/edge-llm/peers/llamacpp, then this one; never built here)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    engines = {"edge": edge_runner(args.bundle, args.threads)}
+    for extra in args.also:
+        label, _, bundle = extra.partition("=")
+        engines[label] = edge_runner(bundle, args.threads)
+    engines.update(runners(args.hf_dir, args.peers.split(",") if args.peers else [], args.threads, args.genai_venv,
+                           args.llamacpp_venv))
+    results = alternate(engines, args.prompt_tokens, args.new_tokens, args.runs)
+    print(json.dumps(results, indent=2) if args.json else table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
