@@ -11,7 +11,8 @@ its own. None of them is a dependency of edge-llm:
 - optimum: optimum's ORTModelForCausalLM on optimum's exported graph, quantized with the same MatMulNBits recipe
   as ours (in this environment, from the export extra).
 - llamacpp: llama.cpp q4_0 through llama-cpp-python, when an environment has it (it builds from source for ~26
-  minutes, so it is never built here): the GGUF is converted and quantized in that environment (edge/llamacpp.py).
+  minutes, so it is never built here): the GGUF is converted and quantized in that environment
+  (benchmarks/llamacpp.py).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ CACHE = cache_dir("peers")
 
 
 class PeerUnavailable(RuntimeError):
-    """A peer that cannot run here; `--compare` skips it and says why."""
+    """A peer that cannot run here; the comparison skips it and says why."""
 
 
 GENAI_CHILD = r"""

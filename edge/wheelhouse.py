@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edge.wheelhouse", description=__doc__.split("\n\n")[0])
     parser.add_argument("dest", type=Path, help="folder the wheels are written to")
     parser.add_argument("--machine", default=Target.machine, help="aarch64 or x86_64 (default: %(default)s)")
-    parser.add_argument("--python", default=Target.python, help="the board's Python, major.minor (default: %(default)s)")
+    parser.add_argument("--python", default=Target.python,
+                        help="the board's Python, major.minor (default: %(default)s)")
     parser.add_argument("--glibc", default=Target.glibc, help="the board's glibc (default: %(default)s)")
     args = parser.parse_args(argv)
     wheels = download(Target(args.machine, args.python, args.glibc), args.dest)

@@ -1,4 +1,5 @@
-"""The llama.cpp peer's GGUF conversion (benchmarks/llamacpp.py): names, the rope row order, and reading safetensors without torch."""
+"""The llama.cpp peer's GGUF conversion (benchmarks/llamacpp.py): names, the rope row order, and reading
+safetensors without torch."""
 from __future__ import annotations
 
 import numpy as np
