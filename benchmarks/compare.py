@@ -26,6 +26,7 @@ from pathlib import Path
 from edge import hugepages
 from edge.bench import alternate, edge_runner, table
 from edge.bundle import cache_dir
+from edge.devices import resolve
 
 CACHE = cache_dir("peers")
 
@@ -89,7 +90,7 @@ print(json.dumps({"load_s": load, "ttft_s": first, "prefill_tok_s": prompt_token
 def child(python: str, *args) -> dict:
     """Run one measurement in a fresh interpreter; its last stdout line is the JSON result."""
     # as its users run it: without the huge-page tunable edge-llm adds for itself (set GLIBC_TUNABLES before
-    # `edge bench` to give every engine the same)
+    # the comparison to give every engine the same)
     done = subprocess.run([python, *map(str, args)], capture_output=True, text=True,
                           env=hugepages.original_environment())
     if done.returncode != 0:
@@ -115,7 +116,7 @@ def genai_runner(hf_dir: Path, threads: int, venv: str | None):
 
 
 def _make_genai_venv(folder: Path) -> None:
-    print(f"edge bench: creating {folder} for onnxruntime-genai (transformers 5.x, torch)", file=sys.stderr)
+    print(f"compare: creating {folder} for onnxruntime-genai (transformers 5.x, torch)", file=sys.stderr)
     steps = [[sys.executable, "-m", "venv", str(folder)],
              [str(folder / "bin" / "pip"), "install", "-q", "torch==2.13.0"],  # the CPU build, before anything pulls CUDA
              [str(folder / "bin" / "pip"), "install", "-q", "onnxruntime-genai", "transformers>=5", "onnx", "onnx-ir"]]
@@ -144,7 +145,7 @@ def optimum_runner(hf_dir: Path, threads: int):
     if not (out / "model.onnx").exists():
         from edge.export.pipeline import export
 
-        export(str(hf_dir), str(out), quant="int4", profile="generic-x86-64", graph="optimum", force=True)
+        export(str(hf_dir), str(out), quant="int4", graph="optimum", force=True)  # level 4, as every int4 export
         for name in ("config.json", "generation_config.json"):
             if (hf_dir / name).exists():
                 shutil.copy(hf_dir / name, out / name)
@@ -154,7 +155,7 @@ def optimum_runner(hf_dir: Path, threads: int):
 
 def llamacpp_runner(hf_dir: Path, threads: int, venv: str | None):
     """llama.cpp q4_0 through llama-cpp-python, from the environment that has it (it compiles for ~26 minutes here,
-    so edge bench never builds it itself)."""
+    so it is never built here)."""
     python = _llamacpp_python(venv)
     out = CACHE / f"llamacpp-{_key(hf_dir)}.gguf"
     script = str(Path(__file__).with_name("llamacpp.py"))
@@ -200,7 +201,7 @@ def runners(hf_dir: str, peers: list[str], threads: int, genai_venv: str | None 
         try:
             ready[name] = makers[name]()
         except PeerUnavailable as e:
-            print(f"edge bench: skipping {name}: {e}", file=sys.stderr)
+            print(f"compare: skipping {name}: {e}", file=sys.stderr)
     return ready
 
 
@@ -221,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 "~/.cache/edge-llm/peers/llamacpp, then this one; never built here)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
+    # as `edge bench` runs it: under glibc's huge-page tunable where the profile asks (edge.hugepages); the peers'
+    # children get the environment the user started with
+    hugepages.reexec(resolve("auto").profile.memory.huge_pages)
     engines = {"edge": edge_runner(args.bundle, args.threads)}
     for extra in args.also:
         label, _, bundle = extra.partition("=")

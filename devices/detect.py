@@ -69,6 +69,7 @@ def read_device(root: str | Path = "/") -> Device:
     )
 
 
+# (EI_CLASS, e_machine) -> `uname -m` style name: the header names the userland's ABI, which no /proc file does
 ELF_MACHINES = {(2, 0xB7): "aarch64", (1, 0x28): "armv7l", (2, 0x3E): "x86_64", (1, 0x03): "i686"}
 
 
@@ -92,8 +93,8 @@ def _userland(root: Path) -> str:
 def unsupported_userland(device: Device) -> str | None:
     """Why edge-llm cannot run on this userland, in words a user can act on; None where it can."""
     if device.userland in ("armv7l", "i686"):
-        kernel = f" on a 64-bit {device.arch} kernel" if device.arch in ("aarch64", "x86_64") else ""
-        return (f"this is a 32-bit ({device.userland}) userland{kernel}: onnxruntime publishes no 32-bit wheels, so "
+        cpu = f" (the CPU itself is {device.arch})" if device.arch in ("aarch64", "x86_64") else ""
+        return (f"this is a 32-bit ({device.userland}) userland{cpu}: onnxruntime publishes no 32-bit wheels, so "
                 "edge-llm cannot run here; install a 64-bit OS (e.g. Raspberry Pi OS 64-bit, arm64)")
     return None
 

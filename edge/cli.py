@@ -19,11 +19,24 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as e:
+        if e.name != "onnxruntime":
+            raise
+        print(f"edge: error: {_no_onnxruntime(getattr(args, 'root', '/'))}", file=sys.stderr)
+        return 1
     except Exception as e:  # errors a user can act on: one line, no traceback
         if not _is_user_error(e):
             raise
         print(f"edge: error: {e}", file=sys.stderr)
         return 1
+
+
+def _no_onnxruntime(root: str) -> str:
+    """Why onnxruntime cannot be imported, where the device says (a 32-bit userland), else how to install it."""
+    from edge.devices.detect import read_device, unsupported_userland
+
+    return unsupported_userland(read_device(root)) or ("onnxruntime is not installed: pip install onnxruntime (or, "
+                                                       "on a Jetson, NVIDIA's onnxruntime-gpu wheel)")
 
 
 def _huge_pages_if_profile_wants(profile: str) -> None:

@@ -102,12 +102,12 @@ def load(bundle: str | Path, profile: str | Path | Profile = "auto", context_len
     context = memory.planned_context(opened.manifest, choice.profile, context_length)
     if check_memory:
         memory.check(memory.estimate(opened, context), choice.profile, device)
-    warn_target(opened.manifest, choice.profile, device)
+    warn_target(opened.manifest, choice.profile)
     return Engine(opened, choice.profile, context)
 
 
-def warn_target(manifest: dict, profile: Profile, device) -> None:
-    """A bundle quantized for another board still runs, but maybe slowly: say why, once."""
+def warn_target(manifest: dict, profile: Profile) -> None:
+    """A bundle quantized for another board (its block size or quantization) still runs: say so, once."""
     target = manifest.get("target") or {}
     if not target or target.get("profile") == profile.name:
         return

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 TUNABLE = "glibc.malloc.hugetlb=1"
-ADDED = "EDGE_HUGEPAGES_ADDED"  # set by reexec(), so that peers in `edge bench` can run as their users run them
+ADDED = "EDGE_HUGEPAGES_ADDED"  # set by reexec(), so that benchmarks/compare.py's peers run as their users run them
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 

@@ -1,7 +1,7 @@
 """The wheels a board needs: the runtime's dependencies for another machine and Python, fetched by pip on this one.
 
-One selection serves the ARM64 test bed (.ci/arm64-setup) and the board installer, so that what CI runs under
-emulation is what a board installs. pip's cross-platform download matches manylinux tags exactly, so every tag from
+One function, so that CI's ARM64 test bed (.ci/arm64-setup) and anything that installs edge-llm on a board pick
+the same wheels: what CI runs under emulation is then what a board installs. pip's cross-platform download matches manylinux tags exactly, so every tag from
 manylinux_2_17 up to the target's glibc is passed; versions are pinned to the ones this environment resolved (the
 x86 side of a comparison then runs the same onnxruntime as the board); sdists are refused (a board has no compiler
 to spare) and so are placeholder wheels that hold no code (pip picked an empty `llguidance 0.0.1` when given one
@@ -12,6 +12,7 @@ usage: python -m edge.wheelhouse --machine aarch64 --python 3.11 --glibc 2.36 DE
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import subprocess
 import sys
@@ -34,17 +35,33 @@ class Target:
 
     def platform_tags(self) -> list[str]:
         """manylinux_2_17 .. manylinux_2_<glibc> for the machine, newest first, with the 2014 alias of 2_17."""
-        major, minor = (int(p) for p in self.glibc.split(".")[:2])
-        if major != 2 or minor < OLDEST_GLIBC:
+        match = re.fullmatch(r"2\.(\d+)", self.glibc)
+        if not match:
+            raise ValueError(f"glibc {self.glibc!r}: give it as 2.N, e.g. 2.36 (`ldd --version` on the board)")
+        minor = int(match.group(1))
+        if minor < OLDEST_GLIBC:
             raise ValueError(f"glibc {self.glibc} is older than 2.{OLDEST_GLIBC}: onnxruntime has no wheels for it")
         tags = [f"manylinux_2_{m}_{self.machine}" for m in range(minor, OLDEST_GLIBC - 1, -1)]
         return tags + [f"manylinux2014_{self.machine}"]
 
 
-def requirements(distribution: str = DISTRIBUTION) -> list[str]:
-    """The runtime's own requirements (no extras), as this installed distribution declares them."""
-    declared = metadata.requires(distribution) or []
-    return [r for r in declared if not re.search(r"\bextra\s*==", r)]
+def requirements(target: Target | None = None, distribution: str = DISTRIBUTION) -> list[str]:
+    """The runtime's own requirements (no extras), as this installed distribution declares them, with markers
+    decided for the target's Python (pip would decide them for this one: a 3.10 board needs tomli, a 3.11 host not)."""
+    declared = [r for r in metadata.requires(distribution) or [] if not re.search(r"\bextra\s*==", r)]
+    if target is None:
+        return declared
+    from packaging.requirements import Requirement  # onnxruntime's dependency, so present wherever this runs
+
+    environment = {"python_version": target.python, "python_full_version": f"{target.python}.0",
+                   "platform_machine": target.machine, "sys_platform": "linux", "platform_system": "Linux"}
+    chosen = []
+    for text in declared:
+        req = Requirement(text)
+        if req.marker is None or req.marker.evaluate(environment):
+            req.marker = None
+            chosen.append(str(req))
+    return chosen
 
 
 def host_pins() -> list[str]:
@@ -52,8 +69,9 @@ def host_pins() -> list[str]:
     pins = {}
     for dist in metadata.distributions():
         name = dist.metadata["Name"]
-        if name and name.lower() not in pins and name.lower() != DISTRIBUTION:
-            pins[name.lower()] = f"{name}=={dist.version}"
+        key = re.sub(r"[-_.]+", "-", name or "").lower()  # PEP 503: edge_llm and edge-llm are one name
+        if name and key not in pins and key != DISTRIBUTION:
+            pins[key] = f"{name}=={dist.version}"
     return sorted(pins.values())
 
 
@@ -67,7 +85,7 @@ def download_command(target: Target, dest: Path, reqs: list[str], constraints: P
 def download(target: Target, dest: Path, reqs: list[str] | None = None) -> list[Path]:
     """Fetch the wheels into dest (pip shows its progress) and check them; the list of wheels."""
     dest.mkdir(parents=True, exist_ok=True)
-    reqs = requirements() if reqs is None else reqs
+    reqs = requirements(target) if reqs is None else reqs
     constraints = dest / "constraints.txt"
     constraints.write_text("\n".join(host_pins()) + "\n")
     done = subprocess.run(download_command(target, dest, reqs, constraints))
@@ -78,7 +96,8 @@ def download(target: Target, dest: Path, reqs: list[str] | None = None) -> list[
 
 def check(dest: Path, target: Target) -> list[Path]:
     """Refuse anything that is not a wheel for the target, and wheels with nothing in them but metadata."""
-    found = sorted(p for p in dest.iterdir() if p.is_file() and p.name != "constraints.txt")
+    found = sorted(p for p in dest.iterdir() if p.is_file() and p.name != "constraints.txt"
+                   and not p.name.startswith("."))  # a caller's stamp files
     wrong = [p.name for p in found if p.suffix != ".whl"]
     if wrong:
         raise RuntimeError(f"not wheels (a board builds nothing): {', '.join(wrong)}")
@@ -93,6 +112,13 @@ def check(dest: Path, target: Target) -> list[Path]:
     return found
 
 
+def key(target: Target) -> str:
+    """What a wheelhouse depends on (target, requirements, this environment's versions): a cached one whose key
+    differs is stale, e.g. after this environment's onnxruntime moved on."""
+    text = "\n".join([repr(target), *requirements(target), *host_pins()])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edge.wheelhouse", description=__doc__.split("\n\n")[0])
     parser.add_argument("dest", type=Path, help="folder the wheels are written to")
@@ -100,8 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=Target.python,
                         help="the board's Python, major.minor (default: %(default)s)")
     parser.add_argument("--glibc", default=Target.glibc, help="the board's glibc (default: %(default)s)")
+    parser.add_argument("--key", action="store_true", help="print what the wheelhouse depends on and fetch nothing")
     args = parser.parse_args(argv)
-    wheels = download(Target(args.machine, args.python, args.glibc), args.dest)
+    target = Target(args.machine, args.python, args.glibc)
+    try:
+        if args.key:
+            print(key(target))
+            return 0
+        wheels = download(target, args.dest)
+    except (ValueError, RuntimeError) as e:
+        print(f"edge.wheelhouse: error: {e}", file=sys.stderr)
+        return 1
     print(f"{len(wheels)} wheels in {args.dest}")
     return 0
 

@@ -20,7 +20,7 @@ FP16_MAX = 65504.0
 INT8_BLOCK = 32  # block size of the int8 lm_head/embedding pair
 
 
-def quantize(model: onnx.ModelProto, method: str, block_size: int = 32, accuracy_level: int = 0) -> onnx.ModelProto:
+def quantize(model: onnx.ModelProto, method: str, block_size: int = 32, accuracy_level: int = 4) -> onnx.ModelProto:
     """accuracy_level (int4): 0 computes in fp32; 4 quantizes activations to int8 for dot-product kernels."""
     if method not in METHODS:
         raise ExportError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
@@ -162,7 +162,7 @@ def check_block_size(block_size: int) -> None:
         raise ExportError(f"--block-size must be a power of two >= 16, not {block_size}")
 
 
-def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int = 0) -> onnx.ModelProto:
+def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int = 4) -> onnx.ModelProto:
     """Blockwise symmetric int4 weights (MatMulNBits) for every MatMul with a constant weight, lm_head included."""
     check_block_size(block_size)
     share = _shareable(model, block_size)

@@ -17,7 +17,7 @@ from families import BY_NAME, SMOLLM2, STORIES, build_checkpoint, shared
 CACHE = Path(tempfile.mkdtemp(prefix="edge-test-cache-"))
 os.environ.update(XDG_CACHE_HOME=str(CACHE), HF_HOME=str(CACHE / "huggingface"), HF_HUB_OFFLINE="1")
 # the peer comparison lives in benchmarks/, outside the runtime package: its tests import it from there
-sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def pytest_unconfigure(config):

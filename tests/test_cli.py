@@ -60,9 +60,24 @@ def test_bad_bundle_is_one_clear_line(tmp_path):
 def test_runtime_never_imports_the_exporter_stack():
     code = ("import sys, edge, edge.cli\n"
             "e = edge.load('demo'); e.generate('Once', max_tokens=2)\n"
-            "bad = [m for m in ('torch', 'transformers', 'optimum', 'onnx', 'export') if m in sys.modules]\n"
+            "bad = [m for m in ('torch', 'transformers', 'optimum', 'onnx', 'edge.export', 'export') if m in sys.modules]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_run_verbose_says_what_runs_and_how_fast():
+    err = run_edge("run", "demo", "Once upon a time", "--max-tokens", "12", "--verbose").stderr
+    assert "edge: profile: " in err and "providers: CPUExecutionProvider" in err
+    assert "edge: kernels: fp32 compute with " in err and "(this fp32 bundle has no int4 matrix products)" in err
+    assert "edge: 12 tokens; first after " in err and " tokens/s" in err
+
+
+def test_accuracy_level_is_4_or_0(source, tmp_path):
+    assert "invalid choice: 2" in run_edge("export", str(source), "-o", str(tmp_path / "b"), "--accuracy-level", "2",
+                                           check=False).stderr
+    with pytest.raises(ExportError, match="accuracy level 2: choose 4"):
+        export(str(source), str(tmp_path / "b"), quant="int4", accuracy_level=2)
+    assert not (tmp_path / "b").exists()
 
 
 def test_runtime_dependencies_exclude_the_exporter_stack():
