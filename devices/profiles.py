@@ -81,6 +81,14 @@ class Server:
 
 
 @dataclass(frozen=True)
+class System:
+    """The board's stock OS, which `edge pack` fetches wheels for (the board has no network to fetch them)."""
+
+    python: str = "3.11"  # its python3, major.minor (Raspberry Pi OS bookworm 3.11, trixie 3.13; JetPack 6 3.10)
+    glibc: str = "2.36"  # its glibc (bookworm 2.36, trixie 2.41, Ubuntu 22.04 / JetPack 6 2.35)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str = "cpu"  # the profile's name, as `--profile` takes it
     description: str = ""  # one line for `edge devices`
@@ -92,6 +100,7 @@ class Profile:
     export: Export = Export()
     memory: Memory = Memory()
     server: Server = Server()
+    system: System = System()
     source: str = field(default="", compare=False)  # the file it came from, for messages
 
     @property

@@ -140,6 +140,26 @@ def parser() -> argparse.ArgumentParser:
     doctor.add_argument("--profile", default="auto", help="a profile name or .toml instead of detection")
     doctor.add_argument("--context", type=int, help="context length to plan for (default: the profile's)")
     doctor.set_defaults(func=cmd_doctor)
+
+    pack = sub.add_parser("pack", help="one offline archive for a board: bundle, profile, wheels, install script")
+    pack.add_argument("bundle", type=Path, help="the bundle folder to pack")
+    pack.add_argument("--target", required=True, help="the board's profile (edge devices lists them)")
+    pack.add_argument("-o", "--output", type=Path, required=True, help="the archive to write (.tar)")
+    pack.add_argument("--python", help="the board's python3, major.minor (default: the profile's [system] python)")
+    pack.add_argument("--glibc", help="the board's glibc (default: the profile's [system] glibc)")
+    pack.add_argument("--wheels", type=Path, help="a folder of wheels already fetched for the target (else pip "
+                                                  "fetches them now)")
+    pack.add_argument("--runtime-wheel", type=Path, help="edge-llm's own wheel (default: built from this checkout)")
+    pack.add_argument("--memory-mb", type=int, help="the board's RAM, to check the bundle fits (default: the "
+                                                    "profile's budget)")
+    pack.add_argument("--sign", type=Path, metavar="KEY", help="sign the archive with this ed25519 private key (PEM)")
+    pack.set_defaults(func=cmd_pack)
+
+    from edge.install import add_arguments
+
+    install = sub.add_parser("install", help="install a pack as a new version under a prefix, with no network")
+    add_arguments(install)
+    install.set_defaults(func=cmd_install)
     return p
 
 
@@ -341,6 +361,24 @@ def cmd_devices(args) -> int:
         print(f"{p.name:18} {'/'.join(n.replace('ExecutionProvider', '') for n in p.provider_names):14} "
               f"{p.export.quant:5} {p.description}")
     return 0
+
+
+def cmd_pack(args) -> int:
+    from edge.pack import pack
+
+    manifest = pack(args.bundle, args.target, args.output, args.python, args.glibc, args.wheels, args.runtime_wheel,
+                    args.memory_mb, args.sign)
+    target = manifest["target"]
+    print(f"edge pack: {args.output}: {len(manifest['members'])} members for {manifest['profile']} "
+          f"({target['machine']}, Python {target['python']}, glibc {target['glibc']})"
+          + (", signed" if args.sign else ""))
+    return 0
+
+
+def cmd_install(args) -> int:
+    from edge.install import run
+
+    return run(args)
 
 
 def cmd_doctor(args) -> int:

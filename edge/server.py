@@ -31,6 +31,7 @@ from edge.chat import ChatTemplateError
 from edge.cors import CORS
 from edge.generate import ContextError, ContextLengthError, check_prompt
 from edge.metrics import Metrics
+from edge.notify import notify, watchdog_interval
 
 DONE = object()
 
@@ -160,6 +161,17 @@ class EdgeState:
             self.engine = self.loader()
         except Exception as e:  # reported by /health and every request, the server stays up
             self.load_error = f"{type(e).__name__}: {e}"
+            # ready all the same: the server is up and /health says why (a restart would not load it either)
+            notify(f"READY=1\nSTATUS=the model did not load: {self.load_error}"[:400])
+            return
+        notify("READY=1\nSTATUS=serving")  # systemd starts dependent units and counts the start as done
+
+
+async def pet_watchdog(interval: float) -> None:
+    """WATCHDOG=1 from the event loop itself: a loop stuck on blocking work stops the pings."""
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
 
 
 def make_app(engine_or_loader, settings: ServerSettings | None = None) -> Starlette:
@@ -170,7 +182,14 @@ def make_app(engine_or_loader, settings: ServerSettings | None = None) -> Starle
     async def lifespan(app):
         if state.engine is None:
             threading.Thread(target=state.load, daemon=True).start()  # /health says 503 until it is done
+        else:
+            notify("READY=1\nSTATUS=serving")
+        interval = watchdog_interval()
+        pets = asyncio.create_task(pet_watchdog(interval)) if interval else None
         yield
+        notify("STOPPING=1")
+        if pets:
+            pets.cancel()
 
     routes = [
         Route("/health", health, methods=["GET"]),

@@ -64,6 +64,12 @@ def requirements(target: Target | None = None, distribution: str = DISTRIBUTION)
     return chosen
 
 
+def selection(target: Target) -> list[str]:
+    """What a board's wheelhouse holds: the runtime's requirements, and pip, with which a board makes the venv
+    from the wheelhouse needing neither a network nor ensurepip."""
+    return requirements(target) + ["pip"]
+
+
 def host_pins() -> list[str]:
     """name==version of every installed distribution: the versions this environment resolved."""
     pins = {}
@@ -85,7 +91,7 @@ def download_command(target: Target, dest: Path, reqs: list[str], constraints: P
 def download(target: Target, dest: Path, reqs: list[str] | None = None) -> list[Path]:
     """Fetch the wheels into dest (pip shows its progress) and check them; the list of wheels."""
     dest.mkdir(parents=True, exist_ok=True)
-    reqs = requirements(target) if reqs is None else reqs
+    reqs = selection(target) if reqs is None else reqs
     constraints = dest / "constraints.txt"
     constraints.write_text("\n".join(host_pins()) + "\n")
     done = subprocess.run(download_command(target, dest, reqs, constraints))
@@ -115,7 +121,7 @@ def check(dest: Path, target: Target) -> list[Path]:
 def key(target: Target) -> str:
     """What a wheelhouse depends on (target, requirements, this environment's versions): a cached one whose key
     differs is stale, e.g. after this environment's onnxruntime moved on."""
-    text = "\n".join([repr(target), *requirements(target), *host_pins()])
+    text = "\n".join([repr(target), *selection(target), *host_pins()])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -66,18 +66,28 @@ def exports(tmp_path_factory) -> Exports:
     return Exports(tmp_path_factory.mktemp("exports"))
 
 
+TESTBED = Path(os.environ.get("EDGE_ARM64_DIR") or Path.home() / ".cache" / "edge-llm-ci" / "arm64") / "testbed.env"
+
+
+@pytest.fixture(scope="session")
+def testbed() -> dict[str, Path]:
+    """What .ci/arm64-setup fetched (qemu, the arm64 sysroot, the aarch64 and x86-64 wheelhouses): tests never
+    fetch anything. A skip without it, a failure where EDGE_ARM64_REQUIRED=1 (CI)."""
+    if not TESTBED.exists():
+        message = f"no test bed at {TESTBED.parent}: run `bash .ci/arm64-setup` first (it downloads ~200 MB)"
+        if os.environ.get("EDGE_ARM64_REQUIRED") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    values = dict(line.split("=", 1) for line in TESTBED.read_text().splitlines() if "=" in line)
+    return {k: Path(v) for k, v in values.items()}
+
+
 @pytest.fixture(scope="session")
 def runtime_wheel(tmp_path_factory) -> Path:
-    """edge-llm's wheel, built from a copy of the sources (a build writes build/ and *.egg-info beside them)."""
-    root, src = Path(__file__).resolve().parents[1], tmp_path_factory.mktemp("wheel-src")
-    for name in ("edge", "export", "devices"):
-        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(root / name, src / name)
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src), "-w",
-                    str(out)], check=True, capture_output=True)
-    return next(out.glob("edge_llm-*.whl"))
+    """edge-llm's wheel, built from a copy of the sources as `edge pack` builds it."""
+    from edge.pack import build_runtime_wheel
+
+    return build_runtime_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 def greedy_by_hand(engine, prompt: list[int], n: int) -> list[int]:

@@ -1,8 +1,9 @@
 """ARM64 under qemu-user: the runtime wheel installed into a venv inside a Debian arm64 sysroot, run as a Cortex-A72
 (Raspberry Pi 4: no dot-product instructions) and a Cortex-A76 (Pi 5: dot-product), on bundles exported on x86.
 
-The test bed (qemu, the sysroot, the aarch64 wheelhouse) is fetched by `.ci/arm64-setup`, an install step of
-.ci/run, never here; without it these tests skip, except where EDGE_ARM64_REQUIRED=1 (CI) makes that a failure.
+The test bed (qemu, the sysroot, the aarch64 wheelhouse: conftest's `testbed`) is fetched by `.ci/arm64-setup`,
+an install step of .ci/run, never here; without it these tests skip, except where EDGE_ARM64_REQUIRED=1 (CI)
+makes that a failure.
 What is compared with x86, position by position on a teacher-forced text and token by token greedily:
 - fp32 bundles and int4 bundles of accuracy level 0 compute in fp32 on both: the same greedy tokens, logits within
   1e-4;
@@ -29,7 +30,6 @@ from boards import write_root
 from families import SMOLLM2, STORIES
 
 HERE = Path(__file__).parent
-TESTBED = Path(os.environ.get("EDGE_ARM64_DIR") or Path.home() / ".cache" / "edge-llm-ci" / "arm64") / "testbed.env"
 CPUS = {"cortex-a72": ("pi4", "raspberry-pi-4"), "cortex-a76": ("pi5", "raspberry-pi-5")}
 TEXT = ("Bread is one of the oldest prepared foods. To bake a simple loaf, mix flour, water, salt and yeast into a "
         "soft dough, then knead it for about ten minutes until it feels smooth and springs back when pressed. Leave "
@@ -51,19 +51,14 @@ def report(config, line: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def testbed() -> dict[str, Path]:
+def arm_bed(testbed) -> dict[str, Path]:
+    """The test bed, on an x86-64 host, with the real models there when CI requires the ARM64 runs."""
     if platform.machine() != "x86_64":
         pytest.skip("the emulation test bed is for x86-64 hosts")
-    if not TESTBED.exists():
-        message = f"no ARM64 test bed at {TESTBED.parent}: run `bash .ci/arm64-setup` first (it downloads ~150 MB)"
-        if os.environ.get("EDGE_ARM64_REQUIRED") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
     if os.environ.get("EDGE_ARM64_REQUIRED") == "1":  # CI: the real models must be there too, not skipped
         missing = [str(p) for p in (STORIES, SMOLLM2) if not p.exists()]
         assert not missing, f"EDGE_ARM64_REQUIRED=1 but {', '.join(missing)} is missing"
-    values = dict(line.split("=", 1) for line in TESTBED.read_text().splitlines() if "=" in line)
-    return {k: Path(v) for k, v in values.items()}
+    return testbed
 
 
 class Emulator:
@@ -99,24 +94,24 @@ def board_root(sysroot: Path, folder: Path, board: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def emulators(testbed, tmp_path_factory) -> dict[str, Emulator]:
+def emulators(arm_bed, tmp_path_factory) -> dict[str, Emulator]:
     base = tmp_path_factory.mktemp("arm64-roots")
-    return {cpu: Emulator(testbed, cpu, board_root(testbed["sysroot"], base / cpu, board))
+    return {cpu: Emulator(arm_bed, cpu, board_root(arm_bed["sysroot"], base / cpu, board))
             for cpu, (board, _) in CPUS.items()}
 
 
 @pytest.fixture(scope="module")
-def arm_python(testbed, emulators, runtime_wheel, tmp_path_factory, pytestconfig) -> Path:
+def arm_python(arm_bed, emulators, runtime_wheel, tmp_path_factory, pytestconfig) -> Path:
     """A venv made by the emulated python3.11 itself, with the runtime installed from its wheel and the
     wheelhouse by the venv's own pip, as on a board with no network."""
     started = time.perf_counter()
     venv = tmp_path_factory.mktemp("arm64") / "venv"
     emulator = emulators["cortex-a76"]
     # --without-pip: ensurepip would start pip as a child process, which qemu-user cannot execute (no binfmt_misc)
-    emulator.run(testbed["sysroot"] / "usr/bin/python3.11", "-m", "venv", "--without-pip", venv)
-    pip_wheel = next((testbed["sysroot"] / "usr/share/python-wheels").glob("pip-*.whl"))
+    emulator.run(arm_bed["sysroot"] / "usr/bin/python3.11", "-m", "venv", "--without-pip", venv)
+    pip_wheel = next((arm_bed["sysroot"] / "usr/share/python-wheels").glob("pip-*.whl"))
     emulator.run(venv / "bin/python", pip_wheel / "pip", "install", "--no-index", "--no-compile", "--find-links",
-                 testbed["wheelhouse"], runtime_wheel)
+                 arm_bed["wheelhouse"], runtime_wheel)
     # bytecode does not depend on the CPU: compiled here, it spares each emulated start most of its imports
     subprocess.run([sys.executable, "-m", "compileall", "-q", "-j0", str(venv / "lib")], capture_output=True)
     installed = sorted(p.name.split("-")[0] for p in (venv / "lib/python3.11/site-packages").glob("*.dist-info"))
