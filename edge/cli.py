@@ -153,6 +153,11 @@ def parser() -> argparse.ArgumentParser:
     pack.add_argument("--memory-mb", type=int, help="the board's RAM, to check the bundle fits (default: the "
                                                     "profile's budget)")
     pack.add_argument("--sign", type=Path, metavar="KEY", help="sign the archive with this ed25519 private key (PEM)")
+    pack.add_argument("--onnxruntime-wheel", type=Path, metavar="FILE",
+                      help="GPU profiles (Jetson): pack this onnxruntime-gpu wheel (NVIDIA's, for the board's "
+                           "JetPack); without it the board's own onnxruntime is used")
+    pack.add_argument("--bundle-only", action="store_true",
+                      help="just the bundle (and profile, unit): `edge install` reuses the installed environment")
     pack.set_defaults(func=cmd_pack)
 
     from edge.install import add_arguments
@@ -367,7 +372,7 @@ def cmd_pack(args) -> int:
     from edge.pack import pack
 
     manifest = pack(args.bundle, args.target, args.output, args.python, args.glibc, args.wheels, args.runtime_wheel,
-                    args.memory_mb, args.sign)
+                    args.memory_mb, args.sign, args.bundle_only, args.onnxruntime_wheel)
     target = manifest["target"]
     print(f"edge pack: {args.output}: {len(manifest['members'])} members for {manifest['profile']} "
           f"({target['machine']}, Python {target['python']}, glibc {target['glibc']})"

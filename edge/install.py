@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -27,7 +28,11 @@ from edge import archive
 
 COMPLETE = "COMPLETE"
 SELF_CHECK = """
-import sys, edge
+import sys, edge, onnxruntime
+if sys.argv[3] == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+    sys.exit("onnxruntime here offers " + ", ".join(onnxruntime.get_available_providers()) + ", not the CUDA "
+             "provider the profile wants: install NVIDIA's onnxruntime-gpu for this JetPack (edge pack "
+             "--onnxruntime-wheel FILE packs one)")
 engine = edge.load(sys.argv[1], profile=sys.argv[2], verify="all")  # the profile the service will run under
 tokens = [r.token for r in engine.stream("Hello", max_tokens=1, temperature=0)]
 assert len(tokens) == 1, tokens
@@ -59,9 +64,11 @@ def _install(pack: Path, prefix: Path, trusted, python: str, log, service) -> Pa
     versions.mkdir(exist_ok=True)
     _remove_leftovers(versions, keep=_current(prefix))
     version = _unique(versions / time.strftime("%Y%m%d-%H%M%S"))
-    _unpack(pack, version, trusted, log)
-    _finish(version, prefix, python, log)
+    manifest = _unpack(pack, version, trusted, log)
     previous = _current(prefix)
+    if manifest.get("bundle_only"):
+        _reuse_venv(version, previous, prefix)
+    _finish(version, prefix, python, log, onnxruntime=manifest.get("onnxruntime"))
     switch(prefix, version)
     log(f"edge install: {prefix / 'current'} -> {version.name}" + (f" (previous: {previous.name})" if previous else ""))
     if service is not None:
@@ -70,22 +77,42 @@ def _install(pack: Path, prefix: Path, trusted, python: str, log, service) -> Pa
     return version
 
 
-def _unpack(pack: Path, version: Path, trusted: list[Path] | None, log) -> None:
+def _unpack(pack: Path, version: Path, trusted: list[Path] | None, log) -> dict:
     try:
         manifest = archive.read(pack, version / "pack", trusted)
     except BaseException:
         shutil.rmtree(version, ignore_errors=True)
         raise
+    (version / "pack.json").write_text(json.dumps(manifest))  # what the first boot needs to know of it
     log(f"edge install: {pack} checked ({len(manifest['members'])} members) into {version}")
+    return manifest
 
 
-def _finish(version: Path, prefix: Path, python: str, log, keep=None) -> None:
+def _reuse_venv(version: Path, previous: Path | None, prefix: Path) -> None:
+    """A bundle-only pack runs in the environment of the version in use (linked, and kept while linked)."""
+    if previous is None:
+        shutil.rmtree(version, ignore_errors=True)
+        raise InstallError(f"{prefix} has no version installed for this bundle-only pack to reuse: install a full "
+                           f"pack (edge pack without --bundle-only) first")
+    owner = venv_owner(previous)
+    (version / "venv").symlink_to(Path("..") / owner.name / "venv")
+
+
+def venv_owner(version: Path) -> Path:
+    """The version whose venv folder this version runs in (itself, unless a bundle-only install linked it)."""
+    venv = version / "venv"
+    return version.parent / Path(os.readlink(venv)).parent.name if venv.is_symlink() else version
+
+
+def _finish(version: Path, prefix: Path, python: str, log, keep=None, onnxruntime: str | None = None) -> None:
     """venv, self-check, unit, COMPLETE: a version that may become current. If a step fails the version is
-    removed (keep: what to do instead, e.g. at first boot, where the pack is the image's only copy)."""
+    removed (keep: what to do instead, e.g. at first boot, where the pack is the image's only copy).
+    onnxruntime: None (the packed PyPI wheel), "system" (the board's own, e.g. JetPack's onnxruntime-gpu) or the
+    packed GPU wheel's name; the latter two must offer the CUDA provider."""
     keep = keep or (lambda v: shutil.rmtree(v, ignore_errors=True))
     try:
-        venv = make_venv(version, python, log)
-        self_check(venv, version / "pack" / "bundle", log)
+        venv = version / "venv" if (version / "venv").is_symlink() else make_venv(version, python, log, onnxruntime)
+        self_check(venv, version / "pack" / "bundle", log, cuda=onnxruntime is not None)
         _write_unit(version, str(prefix.resolve()))
         _mark_complete(version)
     except (subprocess.CalledProcessError, OSError) as e:
@@ -196,7 +223,9 @@ def install_into_image(pack: Path, root: Path, prefix: Path, trusted: list[Path]
     versions = on_disk / "versions"
     versions.mkdir(parents=True, exist_ok=True)
     version = _unique(versions / time.strftime("%Y%m%d-%H%M%S"))
-    _unpack(pack, version, trusted, log)
+    if _unpack(pack, version, trusted, log).get("bundle_only"):
+        shutil.rmtree(version, ignore_errors=True)
+        raise InstallError("a bundle-only pack needs an installed version to reuse; an image needs a full pack")
     (version / PENDING).write_text("built at first boot by edge-llm-firstboot.service\n")
     wheels = str(prefix / "versions" / version.name / "pack" / "wheels" / "edge_llm-*.whl")
     (on_disk / "first-boot.py").write_text(FIRST_BOOT_SCRIPT.format(wheels=wheels, prefix=str(prefix)))
@@ -222,7 +251,9 @@ def first_boot(prefix: Path, python: str = sys.executable, log=print) -> Path:
         raise InstallError(f"no version under {prefix / 'versions'} is waiting for its first boot")
     version = pending[-1]
     # a failure keeps the pack (the image's only copy) and drops the half-made venv: the next boot tries again
-    _finish(version, prefix, python, log, keep=lambda v: shutil.rmtree(v / "venv", ignore_errors=True))
+    onnxruntime = json.loads((version / "pack.json").read_text()).get("onnxruntime")
+    _finish(version, prefix, python, log, keep=lambda v: shutil.rmtree(v / "venv", ignore_errors=True),
+            onnxruntime=onnxruntime)
     switch(prefix, version)
     (version / PENDING).unlink()
     log(f"edge install: first boot: {prefix / 'current'} -> {version.name}")
@@ -237,27 +268,33 @@ def _unique(path: Path) -> Path:
     return candidate
 
 
-def make_venv(version: Path, python: str, log) -> Path:
+def make_venv(version: Path, python: str, log, onnxruntime: str | None = None) -> Path:
     """A venv from the pack's wheels only (--no-index). pip itself comes from the pack's pip wheel where there is
-    one, so that no ensurepip (python3-venv on Debian) is needed either."""
+    one, so that no ensurepip (python3-venv on Debian) is needed either. With a GPU onnxruntime (the board's, or a
+    packed onnxruntime-gpu, which pip would not take for edge-llm's `onnxruntime` requirement) every packed wheel
+    is installed as packed (--no-deps)."""
     venv, wheels = version / "venv", version / "pack" / "wheels"
     pip_wheel = next(iter(sorted(wheels.glob("pip-*.whl"))), None)
     command = [python, "-m", "venv", str(venv)] + (["--without-pip"] if pip_wheel else [])
+    command += ["--system-site-packages"] if onnxruntime == "system" else []
     subprocess.run(command, check=True, capture_output=True)
     runtime = next(wheels.glob("edge_llm-*.whl"))
     pip = [str(venv / "bin" / "python"), *([str(pip_wheel / "pip")] if pip_wheel else ["-m", "pip"])]
+    targets = [str(w) for w in sorted(wheels.glob("*.whl")) if not w.name.startswith("pip-")] if onnxruntime \
+        else [str(runtime)]
     log(f"edge install: installing {runtime.name} and {len(list(wheels.glob('*.whl'))) - 1} wheels, no network")
     done = subprocess.run([*pip, "install", "--no-index", "--find-links", str(wheels), "--disable-pip-version-check",
-                           "-q", str(runtime)], capture_output=True, text=True)
+                           "-q", *(["--no-deps"] if onnxruntime else []), *targets], capture_output=True, text=True)
     if done.returncode != 0:
         raise InstallError(f"pip could not install the pack's wheels (current is unchanged): "
                            f"{done.stderr.strip()[-800:]}")
     return venv
 
 
-def self_check(venv: Path, bundle: Path, log) -> None:
+def self_check(venv: Path, bundle: Path, log, cuda: bool = False) -> None:
+    """cuda: the version must offer onnxruntime's CUDA provider (a Jetson's onnxruntime-gpu)."""
     done = subprocess.run([str(venv / "bin" / "python"), "-c", SELF_CHECK, str(bundle),
-                           str(bundle.parent / "profile.toml")], capture_output=True,
+                           str(bundle.parent / "profile.toml"), "cuda" if cuda else ""], capture_output=True,
                           text=True, cwd=venv)  # not the caller's folder, where an edge/ checkout could shadow it
     if done.returncode != 0:
         raise InstallError(f"the new version's self-check failed, so current is unchanged: "
@@ -319,7 +356,8 @@ def _remove_leftovers(versions: Path, keep: Path | None) -> None:
 
 
 def _prune(versions: Path, keep: set) -> None:
-    names = {v.name for v in keep if v is not None}
+    kept = [v for v in keep if v is not None]
+    names = {v.name for v in kept} | {venv_owner(v).name for v in kept if v.exists()}
     for folder in versions.iterdir():
         if folder.is_dir() and folder.name not in names:
             shutil.rmtree(folder, ignore_errors=True)

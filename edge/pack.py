@@ -53,8 +53,13 @@ class PackError(ValueError):
 
 def pack(bundle: Path, profile: str, out: Path, python: str | None = None, glibc: str | None = None,
          wheels: Path | None = None, runtime_wheel: Path | None = None, memory_mb: int | None = None,
-         sign_key: Path | None = None) -> dict:
+         sign_key: Path | None = None, bundle_only: bool = False, onnxruntime_wheel: Path | None = None) -> dict:
     """Write the archive at out; returns its manifest.
+
+    bundle_only: just the bundle, profile and unit, for boards that have a version installed: `edge install`
+    reuses that version's environment (a new model without moving 50 MB of wheels again).
+    onnxruntime_wheel: for GPU profiles (Jetson), the onnxruntime-gpu wheel the user has (NVIDIA's L4T builds are
+    not on the package index); without it the board's own onnxruntime is used (a venv with system site packages).
 
     wheels: a folder of already fetched wheels for the target (else pip fetches them, showing its progress);
     runtime_wheel: edge-llm's own wheel (else built from this checkout); memory_mb: the board's RAM (else the
@@ -68,20 +73,51 @@ def pack(bundle: Path, profile: str, out: Path, python: str | None = None, glibc
     opened = open_bundle(bundle, verify="all")
     need_mb = _check_memory(opened, chosen, memory_mb)
     with tempfile.TemporaryDirectory(prefix="edge-pack-") as tmp:
-        house = _wheels(target, wheels, Path(tmp) / "wheels")
-        own = runtime_wheel or build_runtime_wheel(Path(tmp) / "runtime")
-        script, unit = Path(tmp) / "install.sh", Path(tmp) / "edge-llm.service"
-        script.write_text(INSTALL_SH)
-        script.chmod(0o755)
+        unit = Path(tmp) / "edge-llm.service"
         unit.write_text(service.render(Path(PREFIX), chosen, service.memory_max_mb(chosen, need_mb)))
-        members = [archive.Member("install.sh", script), archive.Member("profile.toml", Path(chosen.source)),
-                   archive.Member("edge-llm.service", unit), archive.Member(f"wheels/{own.name}", own)]
-        members += [archive.Member(f"wheels/{w.name}", w) for w in house]
+        members = [archive.Member("profile.toml", Path(chosen.source)), archive.Member("edge-llm.service", unit)]
         members += [archive.Member(f"bundle/{p.relative_to(bundle).as_posix()}", p)
                     for p in sorted(Path(bundle).rglob("*")) if p.is_file()]
-        info = {"profile": chosen.name, "bundle": Path(bundle).name, "runtime_wheel": own.name,
+        info = {"profile": chosen.name, "bundle": Path(bundle).name, "bundle_only": bundle_only,
                 "target": {"machine": target.machine, "python": target.python, "glibc": target.glibc}}
+        if not bundle_only:
+            members += _runtime_members(target, wheels, runtime_wheel, Path(tmp))
+            info["runtime_wheel"] = next(m.source.name for m in members if m.name.startswith("wheels/edge_llm-"))
+            if _wants_gpu(chosen):
+                members, info["onnxruntime"] = _gpu_onnxruntime(members, onnxruntime_wheel, target)
+        elif onnxruntime_wheel:
+            raise PackError("--onnxruntime-wheel goes with a full pack: a bundle-only pack reuses the environment")
         return archive.write(out, members, info, sign_key)
+
+
+def _wants_gpu(profile: Profile) -> bool:
+    return any(p.name != "CPUExecutionProvider" for p in profile.providers)
+
+
+def _gpu_onnxruntime(members: list[archive.Member], wheel: Path | None, target: wheelhouse.Target):
+    """The PyPI onnxruntime (CPU only) swapped for the user's GPU wheel, or dropped for the board's own."""
+    kept = [m for m in members if not m.name.startswith("wheels/onnxruntime")]
+    if wheel is None:
+        return kept, "system"
+    if not wheel.is_file() or not wheel.name.startswith(("onnxruntime_gpu-", "onnxruntime-")):
+        raise PackError(f"--onnxruntime-wheel {wheel}: not an onnxruntime wheel file")
+    tags = wheel.stem.split("-")[-3:]
+    if target.machine not in tags[2] or not any(t in (f"cp{target.python.replace('.', '')}", "abi3")
+                                                for t in tags[:2]):
+        raise PackError(f"--onnxruntime-wheel {wheel.name} is not for {target.machine} with Python {target.python}")
+    return kept + [archive.Member(f"wheels/{wheel.name}", wheel)], wheel.name
+
+
+def _runtime_members(target: wheelhouse.Target, wheels: Path | None, runtime_wheel: Path | None,
+                     tmp: Path) -> list[archive.Member]:
+    """The install script, edge-llm's wheel and its dependencies' wheels for the target."""
+    house = _wheels(target, wheels, tmp / "wheels")
+    own = runtime_wheel or build_runtime_wheel(tmp / "runtime")
+    script = tmp / "install.sh"
+    script.write_text(INSTALL_SH)
+    script.chmod(0o755)
+    return [archive.Member("install.sh", script), archive.Member(f"wheels/{own.name}", own),
+            *(archive.Member(f"wheels/{w.name}", w) for w in house)]
 
 
 def _target(profile: Profile, python: str | None, glibc: str | None) -> wheelhouse.Target:

@@ -108,9 +108,11 @@ def check(dest: Path, target: Target) -> list[Path]:
     if wrong:
         raise RuntimeError(f"not wheels (a board builds nothing): {', '.join(wrong)}")
     for wheel in found:
-        tags = wheel.stem.split("-")[-1]
+        python, abi, tags = wheel.stem.split("-")[-3:]
         if not (tags == "any" or target.machine in tags):
             raise RuntimeError(f"{wheel.name} is not for {target.machine}")
+        if not _fits_python(python.split("."), abi, target.python):
+            raise RuntimeError(f"{wheel.name} is not for Python {target.python}")
         with zipfile.ZipFile(wheel) as z:
             code = [n for n in z.namelist() if not re.match(r"[^/]+\.dist-info/", n)]
         if not code:
@@ -123,6 +125,18 @@ def key(target: Target) -> str:
     differs is stale, e.g. after this environment's onnxruntime moved on."""
     text = "\n".join([repr(target), *selection(target), *host_pins()])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _fits_python(tags: list[str], abi: str, python: str) -> bool:
+    """A wheel's python tags against major.minor: py3 for any, cpXY for that one, cpXY with abi3 for XY and later."""
+    want = int(python.replace(".", "")[1:] or 0)
+    for tag in tags:
+        if tag in ("py3", "py2.py3") or tag.startswith("py3"):
+            return True
+        if tag.startswith("cp3") and tag[3:].isdigit():
+            if int(tag[3:]) == want or (abi == "abi3" and int(tag[3:]) <= want):
+                return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
 from pathlib import Path
@@ -114,10 +115,10 @@ def test_missing_wheels_fail_before_the_switch(x86_pack, tmp_path, monkeypatch):
     good = installer.install(x86_pack, prefix, log=lambda line: None)
     real = installer.make_venv
 
-    def without_numpy(version, python, log):
+    def without_numpy(version, python, log, onnxruntime=None):
         for wheel in (version / "pack" / "wheels").glob("numpy-*.whl"):
             wheel.unlink()
-        return real(version, python, log)
+        return real(version, python, log, onnxruntime)
     monkeypatch.setattr(installer, "make_venv", without_numpy)
     with pytest.raises(installer.InstallError, match="pip could not install the pack's wheels"):
         installer.install(x86_pack, prefix, log=lambda line: None)
@@ -129,7 +130,7 @@ def test_an_install_killed_at_any_point_leaves_a_complete_current(x86_pack, tmp_
     """kill -9 part-way through an upgrade (unpacking, pip, the self-check, the switch): `current` is still a
     complete, runnable version, and the next install cleans up and succeeds."""
     prefix = tmp_path / "edge"
-    first = installer.install(x86_pack, prefix, log=lambda line: None)
+    installer.install(x86_pack, prefix, log=lambda line: None)
     child = subprocess.Popen([sys.executable, "-m", "edge.install", str(x86_pack), "--prefix", str(prefix),
                               "--no-service"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
@@ -211,3 +212,34 @@ def test_root_lays_an_image_down_and_the_first_boot_finishes_it(x86_pack, tmp_pa
     version = current(on_disk)
     assert (version / installer.COMPLETE).exists() and not (version / installer.PENDING).exists()
     assert runnable(version).startswith(", there was")
+
+
+def test_a_bundle_only_pack_reuses_the_installed_environment(x86_pack, tmp_path):
+    bundle_only = tmp_path / "model-only.tar"
+    pack("demo", "generic-x86-64", bundle_only, bundle_only=True)
+    with tarfile.open(bundle_only) as tar:
+        names = tar.getnames()
+    assert "bundle/model.onnx" in names and not [n for n in names if n.startswith("wheels/") or n == "install.sh"]
+    prefix = tmp_path / "edge"
+    with pytest.raises(installer.InstallError, match="no version installed for this bundle-only pack"):
+        installer.install(bundle_only, prefix, log=lambda line: None)
+    full = installer.install(x86_pack, prefix, log=lambda line: None)
+    model = installer.install(bundle_only, prefix, log=lambda line: None)
+    assert current(prefix) == model and installer.venv_owner(model) == full
+    assert runnable(model).startswith(", there was")
+    again = installer.install(bundle_only, prefix, log=lambda line: None)  # keeps `full`: its venv is in use
+    assert current(prefix) == again and full.exists() and runnable(again).startswith(", there was")
+    assert sorted(p.name for p in (prefix / "versions").iterdir()) == sorted({full.name, model.name, again.name})
+
+
+def test_a_gpu_pack_refuses_a_board_whose_onnxruntime_has_no_cuda(testbed, runtime_wheel, tmp_path):
+    """A Jetson-like profile (CUDA provider) on this CPU-only machine: the self-check says what is missing and
+    nothing switches."""
+    profile = tmp_path / "gpu-box.toml"
+    profile.write_text('name = "gpu-box"\n[match]\narch = "x86_64"\n[[providers]]\nname = "CUDAExecutionProvider"\n'
+                       '[[providers]]\nname = "CPUExecutionProvider"\n')
+    out = tmp_path / "gpu.tar"
+    pack("demo", str(profile), out, wheels=testbed["wheelhouse_x86_64"], runtime_wheel=runtime_wheel)
+    with pytest.raises(installer.InstallError, match="self-check failed, so current is unchanged"):
+        installer.install(out, tmp_path / "edge", log=lambda line: None)
+    assert not (tmp_path / "edge" / "current").exists() and not list((tmp_path / "edge" / "versions").iterdir())

@@ -60,3 +60,28 @@ def test_wheels_for_another_machine_are_refused(testbed, runtime_wheel, tmp_path
     with pytest.raises(PackError, match="is not for aarch64"):
         pack("demo", "raspberry-pi-5", tmp_path / "x.tar", wheels=testbed["wheelhouse_x86_64"],
              runtime_wheel=runtime_wheel)
+
+
+def fake_wheel(folder, name: str):
+    import zipfile
+
+    with zipfile.ZipFile(folder / name, "w") as z:
+        z.writestr("onnxruntime/__init__.py", "")
+    return folder / name
+
+
+def test_a_jetson_pack_uses_the_boards_onnxruntime_or_the_users_gpu_wheel(testbed, runtime_wheel, tmp_path):
+    """NVIDIA's onnxruntime-gpu for JetPack is not on the package index: the PyPI (CPU) wheel is never packed."""
+    common = dict(python="3.11", wheels=testbed["wheelhouse"], runtime_wheel=runtime_wheel)
+    system = pack("demo", "jetson-orin-nano", tmp_path / "system.tar", **common)
+    assert system["onnxruntime"] == "system" and not [n for n in system["members"] if "onnxruntime" in n]
+    gpu = fake_wheel(tmp_path, "onnxruntime_gpu-1.23.0-cp311-cp311-linux_aarch64.whl")
+    given = pack("demo", "jetson-orin-nano", tmp_path / "gpu.tar", onnxruntime_wheel=gpu, **common)
+    assert given["onnxruntime"] == gpu.name
+    assert [n for n in given["members"] if "onnxruntime" in n] == [f"wheels/{gpu.name}"]
+    wrong = fake_wheel(tmp_path, "onnxruntime_gpu-1.23.0-cp310-cp310-linux_x86_64.whl")
+    with pytest.raises(PackError, match="is not for aarch64 with Python 3.11"):
+        pack("demo", "jetson-orin-nano", tmp_path / "wrong.tar", onnxruntime_wheel=wrong, **common)
+    with pytest.raises(PackError, match="is not for Python 3.10"):  # the profile's JetPack 6 Python
+        pack("demo", "jetson-orin-nano", tmp_path / "py.tar", wheels=testbed["wheelhouse"],
+             runtime_wheel=runtime_wheel)
