@@ -18,6 +18,7 @@ import argparse
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -268,6 +269,13 @@ def _unique(path: Path) -> Path:
     return candidate
 
 
+def run_target(command: list[str], **options) -> subprocess.CompletedProcess:
+    """Run one of the board's programs (its python3, the new venv's). EDGE_INSTALL_LAUNCHER (e.g.
+    "qemu-aarch64-static -L SYSROOT") goes in front of each, so that the installer can run under a user-mode
+    emulator, which cannot start another program of the emulated machine by itself (CI's ARM64 tests do this)."""
+    return subprocess.run([*shlex.split(os.environ.get("EDGE_INSTALL_LAUNCHER", "")), *command], **options)
+
+
 def make_venv(version: Path, python: str, log, onnxruntime: str | None = None) -> Path:
     """A venv from the pack's wheels only (--no-index). pip itself comes from the pack's pip wheel where there is
     one, so that no ensurepip (python3-venv on Debian) is needed either. With a GPU onnxruntime (the board's, or a
@@ -277,13 +285,13 @@ def make_venv(version: Path, python: str, log, onnxruntime: str | None = None) -
     pip_wheel = next(iter(sorted(wheels.glob("pip-*.whl"))), None)
     command = [python, "-m", "venv", str(venv)] + (["--without-pip"] if pip_wheel else [])
     command += ["--system-site-packages"] if onnxruntime == "system" else []
-    subprocess.run(command, check=True, capture_output=True)
+    run_target(command, check=True, capture_output=True)
     runtime = next(wheels.glob("edge_llm-*.whl"))
     pip = [str(venv / "bin" / "python"), *([str(pip_wheel / "pip")] if pip_wheel else ["-m", "pip"])]
     targets = [str(w) for w in sorted(wheels.glob("*.whl")) if not w.name.startswith("pip-")] if onnxruntime \
         else [str(runtime)]
     log(f"edge install: installing {runtime.name} and {len(list(wheels.glob('*.whl'))) - 1} wheels, no network")
-    done = subprocess.run([*pip, "install", "--no-index", "--find-links", str(wheels), "--disable-pip-version-check",
+    done = run_target([*pip, "install", "--no-index", "--find-links", str(wheels), "--disable-pip-version-check",
                            "-q", *(["--no-deps"] if onnxruntime else []), *targets], capture_output=True, text=True)
     if done.returncode != 0:
         raise InstallError(f"pip could not install the pack's wheels (current is unchanged): "
@@ -293,7 +301,7 @@ def make_venv(version: Path, python: str, log, onnxruntime: str | None = None) -
 
 def self_check(venv: Path, bundle: Path, log, cuda: bool = False) -> None:
     """cuda: the version must offer onnxruntime's CUDA provider (a Jetson's onnxruntime-gpu)."""
-    done = subprocess.run([str(venv / "bin" / "python"), "-c", SELF_CHECK, str(bundle),
+    done = run_target([str(venv / "bin" / "python"), "-c", SELF_CHECK, str(bundle),
                            str(bundle.parent / "profile.toml"), "cuda" if cuda else ""], capture_output=True,
                           text=True, cwd=venv)  # not the caller's folder, where an edge/ checkout could shadow it
     if done.returncode != 0:

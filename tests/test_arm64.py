@@ -20,6 +20,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
 from pathlib import Path
@@ -301,3 +302,48 @@ def wait_for_health(port: int, server: subprocess.Popen, timeout: float = 300) -
             pass
         time.sleep(1)
     raise AssertionError(f"edge serve did not report ok on /health within {timeout:.0f} s")
+
+
+def test_a_pi5_pack_installs_and_serves_under_emulation(arm_bed, emulators, runtime_wheel, tmp_path, pytestconfig):
+    """The aarch64 pack installed by the packed installer running on the emulated Pi 5's own python3.11, from an
+    empty prefix with pip's index unreachable, then served. (The shell half of install.sh is the host's sh, so the
+    installer is started the way install.sh starts it; EDGE_INSTALL_LAUNCHER lets it start the board's programs
+    under qemu.)"""
+    from edge.pack import pack
+
+    started, emulator = time.perf_counter(), emulators["cortex-a76"]
+    archive = tmp_path / "pi5.tar"
+    manifest = pack("demo", "raspberry-pi-5", archive, wheels=arm_bed["wheelhouse"], runtime_wheel=runtime_wheel)
+    wheel = tmp_path / "edge_llm.whl"
+    with tarfile.open(archive) as tar:
+        wheel.write_bytes(tar.extractfile(f"wheels/{manifest['runtime_wheel']}").read())
+    prefix = tmp_path / "opt" / "edge-llm"
+    env = {**emulator.env, "EDGE_INSTALL_LAUNCHER": f"{emulator.qemu} -L {emulator.root}",
+           "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_NO_INDEX": "1"}
+    python = arm_bed["sysroot"] / "usr/bin/python3.11"
+    code = (f"import sys; sys.path.insert(0, {str(wheel)!r}); from edge.install import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run(emulator.command(python, "-c", code, archive, "--prefix", prefix, "--python", python,
+                                           "--no-service"), capture_output=True, text=True, env=env,
+                          cwd=emulator.cwd, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    version = prefix / "versions" / os.readlink(prefix / "current").split("/")[-1]
+    assert "self-check: loaded" in done.stdout and (version / "COMPLETE").exists()
+    header = (version / "venv/bin/python").resolve().read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and header[18:20] == b"\xb7\x00"  # e_machine EM_AARCH64: the board's python
+    port = free_port()
+    server = subprocess.Popen(emulator.command(version / "venv/bin/python", "-m", "edge.cli", "serve",
+                                               version / "pack/bundle", "--port", port),
+                              env=emulator.env, cwd=emulator.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        health = wait_for_health(port, server)
+    finally:
+        server.terminate()
+        try:
+            server.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    report(pytestconfig, f"[{time.perf_counter() - started:.0f}s] cortex-a76: raspberry-pi-5 pack installed by its "
+                         f"own installer under emulation, /health {health['status']}")
+    assert health["status"] == "ok"
