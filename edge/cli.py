@@ -160,6 +160,16 @@ def parser() -> argparse.ArgumentParser:
                       help="just the bundle (and profile, unit): `edge install` reuses the installed environment")
     pack.set_defaults(func=cmd_pack)
 
+    svc = sub.add_parser("service", help="run a bundle as a systemd service from this environment (no pack)")
+    svc.add_argument("action", choices=["install", "uninstall", "status"])
+    svc.add_argument("bundle", nargs="?", help="install: the bundle folder to serve")
+    svc.add_argument("--profile", default="auto", help="device profile name or .toml path (default: auto)")
+    svc.add_argument("--host", default="127.0.0.1")
+    svc.add_argument("--port", type=int, default=8080)
+    svc.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"), help="where the unit goes")
+    svc.add_argument("--no-start", action="store_true", help="install: enable, do not start")
+    svc.set_defaults(func=cmd_service)
+
     from edge.install import add_arguments
 
     install = sub.add_parser("install", help="install a pack as a new version under a prefix, with no network")
@@ -377,6 +387,25 @@ def cmd_pack(args) -> int:
     print(f"edge pack: {args.output}: {len(manifest['members'])} members for {manifest['profile']} "
           f"({target['machine']}, Python {target['python']}, glibc {target['glibc']})"
           + (", signed" if args.sign else ""))
+    return 0
+
+
+def cmd_service(args) -> int:
+    from edge import service
+
+    if args.action == "install":
+        if not args.bundle:
+            raise ValueError("edge service install BUNDLE: name the bundle to serve")
+        unit = service.install(Path(args.bundle), args.profile, args.host, args.port, args.unit_dir,
+                               not args.no_start)
+        print(f"edge service: {unit} installed and enabled" + ("" if args.no_start else " and started"))
+    elif args.action == "uninstall":
+        service.uninstall(args.unit_dir)
+        print("edge service: stopped, disabled and removed")
+    else:
+        state, health = service.status(args.port)
+        print(f"edge service: systemd says {state}; /health says {health}")
+        return 0 if state == "active" and health == "ok" else 3
     return 0
 
 

@@ -24,13 +24,22 @@ def memory_max_mb(profile: Profile, estimate_mb: float) -> int:
 
 
 def render(prefix: Path, profile: Profile, memory_mb: int, host: str = "127.0.0.1", port: int = 8080) -> str:
+    """The unit of an installed prefix: it runs PREFIX/current, whichever version that is."""
     current = Path(prefix) / "current"
+    return render_command(f"{current}/venv/bin/edge", f"{current}/pack/bundle", f"{current}/pack/profile.toml",
+                          profile, memory_mb, host, port, condition=str(current))
+
+
+def render_command(edge: str, bundle: str, profile_file: str, profile: Profile, memory_mb: int,
+                   host: str = "127.0.0.1", port: int = 8080, condition: str = "") -> str:
+    """A unit running `EDGE serve BUNDLE --profile PROFILE_FILE`; condition: a path that must exist to start
+    (an image whose first boot failed has no current: nothing to run, and no restart loop)."""
     gpu = any(p.name != "CPUExecutionProvider" for p in profile.providers)
     lines = [
         "[Unit]",
         f"Description=edge-llm: an OpenAI-compatible LLM endpoint on {host}:{port} ({profile.name})",
         "After=network.target",
-        f"ConditionPathExists={current}",  # an image whose first boot failed: nothing to run, no restart loop
+        *([f"ConditionPathExists={condition}"] if condition else []),
         "",
         "[Service]",
         "Type=notify",
@@ -39,8 +48,7 @@ def render(prefix: Path, profile: Profile, memory_mb: int, host: str = "127.0.0.
         "TimeoutStartSec=600",  # loading and optimizing a model on a cold SD card takes minutes
         "Restart=on-failure",
         "RestartSec=5",
-        f"ExecStart={current}/venv/bin/edge serve {current}/pack/bundle --profile {current}/pack/profile.toml "
-        f"--host {host} --port {port}",
+        f"ExecStart={edge} serve {bundle} --profile {profile_file} --host {host} --port {port}",
         # its own user, made by systemd for the service and gone with it: nothing to create on the board or the image
         "DynamicUser=yes",
         f"EnvironmentFile=-{ENV_FILE}",
@@ -76,3 +84,74 @@ def render(prefix: Path, profile: Profile, memory_mb: int, host: str = "127.0.0.
         "",
     ]
     return "\n".join(lines)
+
+
+# What the unit's sandbox hides from the service: ProtectHome and PrivateTmp
+HIDDEN = ("/home", "/root", "/run/user", "/tmp", "/var/tmp")
+UNIT = "edge-llm.service"
+
+
+def hidden(path: Path) -> str | None:
+    """Why the service could not see path, or None."""
+    resolved = Path(path).resolve()
+    for folder in HIDDEN:
+        if resolved == Path(folder) or Path(folder) in resolved.parents:
+            return (f"{resolved} is under {folder}, which the unit's sandbox (ProtectHome, PrivateTmp) hides from "
+                    f"the service: keep the bundle and the environment under /opt or /srv, or use edge pack and "
+                    f"edge install")
+    return None
+
+
+def install(bundle: Path, profile_spec: str = "auto", host: str = "127.0.0.1", port: int = 8080,
+            unit_dir: Path = Path("/etc/systemd/system"), start: bool = True) -> Path:
+    """`edge service install`: a unit for this bundle run by this environment's edge-llm, enabled (and started)."""
+    import sys
+
+    from edge import memory
+    from edge.bundle import open_bundle
+    from edge.devices import resolve
+
+    bundle = Path(bundle).resolve()
+    for path in (bundle, Path(sys.prefix)):
+        why = hidden(path)
+        if why:
+            raise ValueError(why)
+    opened = open_bundle(bundle, verify="all")
+    profile = resolve(profile_spec).profile
+    need = memory.estimate(opened, memory.planned_context(opened.manifest, profile, None)).total_mb
+    text = render_command(f"{sys.executable} -m edge.cli", str(bundle), profile.source, profile,
+                          memory_max_mb(profile, need), host, port)
+    unit = Path(unit_dir) / UNIT
+    unit.write_text(text)
+    systemctl("daemon-reload")
+    systemctl("enable", *(["--now"] if start else []), UNIT)
+    return unit
+
+
+def uninstall(unit_dir: Path = Path("/etc/systemd/system")) -> None:
+    systemctl("disable", "--now", UNIT, check=False)  # not loaded is fine: it is going anyway
+    (Path(unit_dir) / UNIT).unlink(missing_ok=True)
+    systemctl("daemon-reload")
+
+
+def status(port: int = 8080) -> tuple[str, str]:
+    """(systemd's view: active, failed, ...; /health's)."""
+    import json
+    import urllib.request
+
+    state = systemctl("is-active", UNIT, check=False).stdout.strip() or "unknown"
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            health = json.loads(response.read()).get("status", "?")
+    except (OSError, ValueError) as e:
+        health = f"no answer ({e})"
+    return state, health
+
+
+def systemctl(*args: str, check: bool = True):
+    import subprocess
+
+    done = subprocess.run(["systemctl", *args], capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise ValueError(f"systemctl {' '.join(args)} failed: {(done.stderr or done.stdout).strip()[-300:]}")
+    return done
