@@ -11,6 +11,7 @@ the board's own python3, before any environment exists.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -127,7 +128,13 @@ def read(archive: Path, dest: Path, trusted: list[Path] | None = None) -> dict:
         raise
 
 
-def _read(archive: Path, dest: Path, trusted: list[Path] | None) -> dict:
+def verify(archive: Path, trusted: list[Path] | None = None) -> dict:
+    """Check everything read() checks, writing nothing; returns the manifest. `edge install` runs this before it
+    touches the prefix, then read(), which checks again as it writes."""
+    return _read(archive, None, trusted)
+
+
+def _read(archive: Path, dest: Path | None, trusted: list[Path] | None) -> dict:
     try:
         with tarfile.open(archive, "r:") as tar:
             entries = tar.getmembers()
@@ -140,7 +147,7 @@ def _read(archive: Path, dest: Path, trusted: list[Path] | None) -> dict:
     except (tarfile.TarError, EOFError, OSError) as e:
         if isinstance(e, FileNotFoundError) and not archive.exists():
             raise ArchiveError(f"{archive}: no such archive") from None
-        if isinstance(e, OSError) and not isinstance(e, (EOFError, tarfile.TarError)) and dest.exists():
+        if isinstance(e, OSError) and dest is not None and dest.exists():
             raise ArchiveError(f"could not unpack into {dest}: {e}") from None
         raise ArchiveError(f"{archive}: unreadable or truncated archive ({e})") from None
     return manifest
@@ -204,21 +211,29 @@ def safe_name(name: str) -> str:
     return posixpath.normpath(name)
 
 
-def _unpack_checked(tar: tarfile.TarFile, files: list[tarfile.TarInfo], manifest: dict, dest: Path) -> None:
-    dest.mkdir(parents=True)
-    root = dest.resolve()
+def _unpack_checked(tar: tarfile.TarFile, files: list[tarfile.TarInfo], manifest: dict, dest: Path | None) -> None:
+    """Hash every member against the manifest, writing each into dest as it is hashed (dest None: hash only)."""
+    if dest is not None:
+        dest.mkdir(parents=True)
     for entry in files:
-        path = (dest / safe_name(entry.name)).resolve()
-        if root not in path.parents:
-            raise ArchiveError(f"member {entry.name!r} points outside the archive's folder")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = _target_path(dest, entry.name) if dest is not None else None
         digest, size = hashlib.sha256(), 0
-        with tar.extractfile(entry) as source, open(path, "xb") as target:
+        with tar.extractfile(entry) as source, (open(path, "xb") if path else contextlib.nullcontext()) as target:
             for block in iter(lambda: source.read(CHUNK), b""):
                 digest.update(block)
                 size += len(block)
-                target.write(block)
+                if target is not None:
+                    target.write(block)
         want = manifest["members"][entry.name]
         if size != want.get("size") or digest.hexdigest() != want.get("sha256"):
             raise ArchiveError(f"member {entry.name!r} does not match its checksum in {MANIFEST} (damaged or altered)")
-        path.chmod(0o755 if entry.mode & 0o111 else 0o644)  # never setuid/setgid, whatever the archive says
+        if path:
+            path.chmod(0o755 if entry.mode & 0o111 else 0o644)  # never setuid/setgid, whatever the archive says
+
+
+def _target_path(dest: Path, name: str) -> Path:
+    path = (dest / safe_name(name)).resolve()
+    if dest.resolve() not in path.parents:
+        raise ArchiveError(f"member {name!r} points outside the archive's folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

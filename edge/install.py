@@ -51,6 +51,7 @@ def install(pack: Path, prefix: Path, trusted: list[Path] | None = None, python:
 
     service: what runs `current` (a Systemd, or a stand-in with the same two methods): after the switch it is
     restarted and must answer /health, else `current` goes back to the previous version, which is restarted."""
+    archive.verify(pack, trusted)  # a refused pack leaves the prefix as it was, not even created
     prefix.mkdir(parents=True, exist_ok=True)
     with open(prefix / ".lock", "w") as lock:
         try:
@@ -218,6 +219,7 @@ def install_into_image(pack: Path, root: Path, prefix: Path, trusted: list[Path]
     builder needs no emulation for that), then the self-check runs there."""
     if not prefix.is_absolute():
         raise InstallError(f"--prefix {prefix}: with --root, give the board's absolute path (e.g. /opt/edge-llm)")
+    archive.verify(pack, trusted)
     if not root.is_dir():
         raise InstallError(f"--root {root}: no such folder (mount the image first)")
     on_disk = root / prefix.relative_to("/")

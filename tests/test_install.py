@@ -243,3 +243,33 @@ def test_a_gpu_pack_refuses_a_board_whose_onnxruntime_has_no_cuda(testbed, runti
     with pytest.raises(installer.InstallError, match="self-check failed, so current is unchanged"):
         installer.install(out, tmp_path / "edge", log=lambda line: None)
     assert not (tmp_path / "edge" / "current").exists() and not list((tmp_path / "edge" / "versions").iterdir())
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("traversal", "member '../../evil' points outside"),
+    ("checksum", "does not match its checksum"),
+])
+def test_a_refused_pack_leaves_the_prefix_untouched(x86_pack, tmp_path, damage, message):
+    import io
+
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(x86_pack) as src, tarfile.open(bad, "w") as out:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            if damage == "checksum" and member.name == "bundle/model.onnx":
+                data = data[:-1] + bytes([data[-1] ^ 1])  # one bit, in the last member's data
+            out.addfile(member, io.BytesIO(data))
+        if damage == "traversal":
+            evil = tarfile.TarInfo("../../evil")
+            evil.size = 1
+            out.addfile(evil, io.BytesIO(b"x"))
+    fresh, used = tmp_path / "fresh", tmp_path / "used"
+    with pytest.raises(installer.archive.ArchiveError, match=message):
+        installer.install(bad, fresh, log=lambda line: None)
+    assert not fresh.exists()
+    good = installer.install(x86_pack, used, log=lambda line: None)
+    before = sorted(str(p.relative_to(used)) for p in used.rglob("*"))
+    with pytest.raises(installer.archive.ArchiveError, match=message):
+        installer.install(bad, used, log=lambda line: None)
+    assert sorted(str(p.relative_to(used)) for p in used.rglob("*")) == before and current(used) == good
+    assert not (tmp_path / "evil").exists()
