@@ -77,7 +77,7 @@ def _plain(entry: tarfile.TarInfo) -> tarfile.TarInfo:
 
 
 def sign(data: bytes, key: Path) -> bytes:
-    _signing_lib(key)
+    _require_signing(key)
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     private = load_pem_private_key(key.read_bytes(), password=None)
@@ -86,7 +86,7 @@ def sign(data: bytes, key: Path) -> bytes:
     return private.sign(data)
 
 
-def _signing_lib(path: Path) -> Path:
+def _require_signing(path: Path) -> Path:
     try:
         import cryptography
     except ImportError:
@@ -103,7 +103,7 @@ def verify_signature(data: bytes, signature: bytes | None, trusted: list[Path]) 
         keys = ", ".join(map(str, trusted))
         raise ArchiveError(f"the archive is not signed, and trusted keys are configured ({keys})")
     for path in trusted:
-        _signing_lib(path)
+        _require_signing(path)
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -177,11 +177,11 @@ def _bytes(tar: tarfile.TarFile, entries: list[tarfile.TarInfo], name: str) -> b
 
 def _check_entries(entries: list[tarfile.TarInfo], manifest: dict) -> list[tarfile.TarInfo]:
     """The regular files to unpack; every entry safe, every file listed once, every listed file present."""
-    files, seen, own = [], set(), {id(next(e for e in entries if e.name == n)) for n in (MANIFEST, SIGNATURE)
-                                   if any(e.name == n for e in entries)}
+    files, seen, own = [], set(), {MANIFEST, SIGNATURE}
     for entry in entries:
         name = entry.name
-        if id(entry) in own:  # the manifest and signature themselves, read already
+        if name in own:  # the first manifest and signature, read already; a second one is an unlisted member
+            own.discard(name)
             continue
         safe_name(name)
         if entry.isdir():

@@ -119,12 +119,17 @@ def _finish(version: Path, prefix: Path, python: str, log, keep=None, onnxruntim
         _mark_complete(version)
     except (subprocess.CalledProcessError, OSError) as e:
         keep(version)
-        why = (e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else str(e.stderr or "")).strip() \
-            if isinstance(e, subprocess.CalledProcessError) else ""
-        raise InstallError(f"{e}{': ' + why[-600:] if why else ''}; {prefix / 'current'} is unchanged") from None
+        raise InstallError(f"{e}{_stderr_of(e)}; {prefix / 'current'} is unchanged") from None
     except BaseException:
         keep(version)
         raise
+
+
+def _stderr_of(e: Exception) -> str:
+    """What a failed child said (e.g. ensurepip missing), to go with its exit status."""
+    out = getattr(e, "stderr", None) or b""
+    text = (out.decode(errors="replace") if isinstance(out, bytes) else out).strip()
+    return f": {text[-600:]}" if text else ""
 
 
 def _restart_or_roll_back(service, prefix: Path, version: Path, previous: Path | None, log) -> None:

@@ -16,7 +16,7 @@ from edge.devices import Profile, load_profile
 
 OLDEST_PYTHON = (3, 10)  # onnxruntime >= 1.23 publishes wheels for 3.10 and newer
 TOO_OLD = {"3.6": "JetPack 4 (Jetson Nano)", "3.8": "JetPack 5", "3.7": "Debian buster", "3.9": "Debian bullseye"}
-MACHINES = {"aarch64": "aarch64", "x86_64": "x86_64"}
+MACHINES = ("aarch64", "x86_64")  # a profile's match.arch, which is also the wheels' machine tag
 PREFIX = "@PREFIX@"  # where the unit's paths start; `edge install` writes its --prefix there
 
 INSTALL_SH = """#!/bin/sh
@@ -30,7 +30,8 @@ exec python3 - "$@" <<'PY'
 import hashlib, json, os, sys, tarfile, tempfile
 pack = sys.argv[1]
 if "--trust" in sys.argv:
-    sys.exit("install.sh: a pack cannot vouch for itself; check signatures with an installed edge: edge install --trust")
+    sys.exit("install.sh: a pack cannot vouch for itself; "
+             "check signatures with an installed edge: edge install --trust")
 with tarfile.open(pack) as tar:
     manifest = json.loads(tar.extractfile("edge-pack.json").read())
     name = "wheels/" + manifest["runtime_wheel"]
@@ -121,8 +122,8 @@ def _runtime_members(target: wheelhouse.Target, wheels: Path | None, runtime_whe
 
 
 def _target(profile: Profile, python: str | None, glibc: str | None) -> wheelhouse.Target:
-    machine = MACHINES.get(profile.match.arch)
-    if machine is None:
+    machine = profile.match.arch
+    if machine not in MACHINES:
         raise PackError(f"profile {profile.name} is for no particular machine; pack for a board's profile "
                         f"(edge devices lists them)")
     version = python or profile.system.python

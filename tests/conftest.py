@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,13 @@ def greedy_by_hand(engine, prompt: list[int], n: int) -> list[int]:
         tokens.append(int(np.argmax(logits)))
         logits = engine.model.forward(cache, np.array([tokens[-1]]))[-1]
     return tokens
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on, for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_edge(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:

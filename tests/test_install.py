@@ -2,20 +2,17 @@
 becomes `current`; a failed or killed install leaves the previous version in place and runnable."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import run_edge
+from conftest import free_port, run_edge
 
 from edge import install as installer
 from edge.pack import pack
@@ -45,11 +42,6 @@ def runnable(version: Path) -> str:
     return done.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_the_packed_script_installs_and_serves_from_an_empty_prefix(x86_pack, tmp_path):
     prefix = tmp_path / "opt" / "edge-llm"
@@ -64,14 +56,7 @@ def test_the_packed_script_installs_and_serves_from_an_empty_prefix(x86_pack, tm
     server = subprocess.Popen([str(version / "venv/bin/edge"), "serve", str(version / "pack/bundle"), "--port",
                                str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     try:
-        deadline, health = time.monotonic() + 60, None
-        while time.monotonic() < deadline and health is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    health = json.loads(response.read())
-            except OSError:
-                time.sleep(0.3)
-        assert health == {"status": "ok"}
+        assert installer.wait_for_health(port, timeout=60) is None  # /health said {"status": "ok"}
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from conftest import run_edge
+from conftest import free_port, run_edge
 
 import edge
 import edge.engine
@@ -25,11 +24,6 @@ from edge.server import ServerSettings, make_app
 
 MESSAGES = [{"role": "system", "content": "You are a storyteller."}, {"role": "user", "content": "Tell me a story 🦙"}]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

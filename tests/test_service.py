@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from edge.devices import load_profile
 from edge.engine import DEMO
@@ -69,8 +69,3 @@ def test_service_install_writes_enables_and_starts_a_unit(fake_systemctl, tmp_pa
     assert fake_systemctl.read_text().splitlines()[-3:] == ["is-active edge-llm.service",
                                                             "disable --now edge-llm.service", "daemon-reload"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
