@@ -2,8 +2,9 @@
 
 Runs as a script inside llama-cpp-python's own environment (numpy, gguf, llama_cpp; nothing of edge-llm):
 
-    python llamacpp.py convert HF_DIR OUT.gguf     # f16 GGUF, then llama.cpp's own quantizer to q4_0
+    python llamacpp.py convert HF_DIR OUT.gguf [q4_0|q4_k_m|q8_0|f16]  # f16 GGUF, then llama.cpp's quantizer
     python llamacpp.py run OUT.gguf PROMPT_TOKENS NEW_TOKENS THREADS
+    python llamacpp.py logits OUT.gguf IDS.json OUT.npy THREADS       # teacher-forced logits (benchmarks/quality.py)
 
 The conversion writes an f16 GGUF of a Llama/Mistral/Qwen2/Qwen3 checkpoint and hands it to
 `llama_model_quantize` with LLAMA_FTYPE_MOSTLY_Q4_0, which is what `llama-quantize model.gguf Q4_0` does (so the
@@ -134,14 +135,22 @@ def write_f16(hf_dir: Path, out: Path) -> None:
     writer.close()
 
 
-def convert(hf_dir: Path, out: Path) -> None:
+FTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+          "f16": None}
+
+
+def convert(hf_dir: Path, out: Path, ftype: str = "q4_0") -> None:
+    """An f16 GGUF of the checkpoint, then llama.cpp's own quantizer to ftype (what `llama-quantize` does)."""
     import llama_cpp
 
     f16, partial = out.with_suffix(".f16.gguf"), out.with_suffix(".partial")
     try:  # the cache holds whole files only: an interrupted conversion must not be mistaken for one
         write_f16(hf_dir, f16)
+        if FTYPES[ftype] is None:
+            f16.replace(out)
+            return
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+        params.ftype = getattr(llama_cpp, FTYPES[ftype])
         if llama_cpp.llama_model_quantize(str(f16).encode(), str(partial).encode(), params):
             raise SystemExit(f"llama.cpp peer: llama_model_quantize failed on {f16}")
         partial.replace(out)
@@ -174,8 +183,31 @@ def run(gguf: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
             "decode_tok_s": (new_tokens - 1) / (end - first), "peak_rss_mb": peak, "tokens": new_tokens}
 
 
+def logits(gguf: str, ids_file: str, out: str, threads: int) -> None:
+    """Teacher-forced logits of every position of the token ids (a JSON list of windows) into a .npy file
+    (float32 [positions, vocab], windows one after the other), evaluated one token at a time: batched
+    evaluation of q4_0 crashes in llama-cpp-python 0.3.36 built with GGML_NATIVE on an AVX-512/AMX CPU."""
+    import llama_cpp
+
+    windows = json.loads(Path(ids_file).read_text())
+    llm = llama_cpp.Llama(gguf, n_ctx=max(len(w) for w in windows) + 8, n_batch=1, n_ubatch=1, n_threads=threads,
+                          n_threads_batch=threads, logits_all=False, verbose=False)
+    vocab = llm.n_vocab()
+    rows = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(sum(len(w) - 1 for w in windows), vocab))
+    i = 0
+    for window in windows:
+        llm.reset()
+        for token in window[:-1]:
+            llm.eval([token])
+            rows[i] = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+            i += 1
+    rows.flush()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "convert":
-        convert(Path(sys.argv[2]), Path(sys.argv[3]))
+        convert(Path(sys.argv[2]), Path(sys.argv[3]), *sys.argv[4:5])
+    elif sys.argv[1] == "logits":
+        logits(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     else:
         print(json.dumps(run(sys.argv[2], *map(int, sys.argv[3:6]))))

@@ -10,6 +10,8 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
+from edge.presets import CHOICES
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -18,7 +20,7 @@ else:  # pragma: no cover - Python 3.10
 HERE = Path(__file__).parent
 PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 OPT_LEVELS = ("disable", "basic", "extended", "all")
-QUANTS = ("fp32", "fp16", "int8", "int4")
+QUANTS = CHOICES  # fp32, fp16 and the presets of edge/presets.py
 
 
 class ProfileError(ValueError):

@@ -5,10 +5,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from edge.presets import CHOICES, PRESETS
+
 SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop")
 
 
-MODEL_COMMANDS = {"run", "chat", "serve", "bench"}  # the ones that load weights (bench: in its child processes)
+MODEL_COMMANDS = {"run", "chat", "serve", "bench", "eval"}  # the ones that load weights (bench: in its child processes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,11 +89,14 @@ def parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="Hugging Face checkpoint folder -> bundle (needs edge-llm[export])")
     export.add_argument("src", help="a local Hugging Face checkpoint folder (or a hub id, with a network)")
     export.add_argument("-o", "--output", required=True, help="the bundle folder to write")
-    export.add_argument("--quant", choices=["fp32", "fp16", "int8", "int4"], help="default: the profile's, else int4")
-    export.add_argument("--block-size", type=int, help="int4 block size (default: the profile's, else 32)")
+    export.add_argument("--quant", choices=CHOICES, metavar="{" + ",".join(CHOICES) + "}",
+                        help="fp32, fp16, or a quantization preset: "
+                             + "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values())
+                             + " (default: the profile's, else int4)")
+    export.add_argument("--block-size", type=int, help="weights per scale (default: the profile's, else 32)")
     export.add_argument("--profile", help="the device profile to export for: its quantization, recorded as the target")
     export.add_argument("--accuracy-level", type=int, choices=[0, 4], default=4,
-                        help="int4 compute: 4 (default) uses int8 activations where the CPU has the instructions and "
+                        help="int4/int8 compute: 4 (default) uses int8 activations where the CPU has the instructions and "
                              "fp32 where not; 0 computes in fp32 everywhere (slower; for comparisons)")
     export.add_argument("--graph", default="auto", choices=["auto", "fast", "optimum"],
                         help="fast: fused ops and shared KV buffers (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3); "
@@ -116,6 +121,16 @@ def parser() -> argparse.ArgumentParser:
                        help="let browser pages from this origin call the API (e.g. http://localhost:3000, or '*'); "
                             "repeat for several; default: the profile's, else none")
     serve.set_defaults(func=cmd_serve)
+
+    evaluate = sub.add_parser("eval", help="perplexity of a bundle on a text, and with --reference what it loses "
+                                           "against another bundle of the same model (ratio, top-1 agreement, KL)")
+    evaluate.add_argument("bundle", help="a bundle folder, or 'demo'")
+    evaluate.add_argument("--text", required=True, help="a UTF-8 text file to score (teacher-forced)")
+    evaluate.add_argument("--reference", help="a bundle of the same model to compare with, usually its fp32 export")
+    evaluate.add_argument("--window", type=int, help="tokens scored from one fresh context (default: the context)")
+    evaluate.add_argument("--profile", default="auto", help="device profile name or .toml path (default: auto)")
+    evaluate.add_argument("--json", action="store_true", help="print the figures as JSON")
+    evaluate.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="speed and memory of a bundle, each run in a fresh process",
                            epilog="To run onnxruntime-genai, optimum and llama.cpp beside it, use "
@@ -216,10 +231,10 @@ def _load(args):
 
 def _describe_engine(engine, load_s: float) -> None:
     from edge.devices import read_device
-    from edge.kernels import describe, kernel_path
+    from edge.kernels import describe, kernel_path, method_of
 
     quant = engine.bundle.manifest.get("quantization", {})
-    path = kernel_path(read_device(), quant.get("method", "fp32"), quant.get("accuracy_level", 0),
+    path = kernel_path(read_device(), method_of(quant), quant.get("accuracy_level", 0),
                        engine.model.providers[0])
     for line in (f"bundle: {engine.bundle.path} ({quant.get('method', '?')}, accuracy level "
                  f"{quant.get('accuracy_level', '-')}), loaded in {load_s:.2f} s",
@@ -350,6 +365,29 @@ def _cors_origins(args) -> tuple[str, ...]:
         return check_origins(profile.server.cors_origins)
     except ValueError as e:
         raise ValueError(f"{profile.source}: server.cors_origins: {e}") from None
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    import edge
+
+    path = Path(args.text)
+    if not path.is_file():
+        raise ValueError(f"--text {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    engine = edge.load(args.bundle, profile=args.profile)
+    reference = edge.load(args.reference, profile=args.profile) if args.reference else None
+    figures = engine.evaluate(text, reference, window=args.window)
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return 0
+    lines = [f"{figures['text_tokens']} tokens scored: perplexity {figures['perplexity']:.4f}"]
+    if reference is not None:
+        lines += [f"reference perplexity {figures['perplexity_reference']:.4f}: ratio x{figures['perplexity_ratio']:.4f}",
+                  f"top-1 agreement {figures['top1_agreement']:.2%}, mean KL {figures['mean_kl']:.5f}"]
+    print("\n".join(lines))
+    return 0
 
 
 def cmd_bench(args) -> int:

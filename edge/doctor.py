@@ -7,7 +7,7 @@ import onnxruntime as ort
 
 from edge import hugepages, memory
 from edge.devices import Device, Profile, read_device, resolve, unsupported_userland
-from edge.kernels import describe, kernel_path
+from edge.kernels import describe, kernel_path, method_of
 from edge.bundle import BundleError, open_bundle
 from edge.engine import resolve as resolve_bundle
 from edge.session import MIN_ONNXRUNTIME, onnxruntime_version, too_old_for, usable
@@ -97,5 +97,5 @@ def bundle_kernels(manifest: dict, profile: Profile, device: Device):
     """The kernel path of a bundle under the profile's first execution provider that this onnxruntime has."""
     quant = manifest.get("quantization", {})
     used = usable(profile, tuple(ort.get_available_providers()))
-    return kernel_path(device, quant.get("method", "fp32"), quant.get("accuracy_level", 0),
+    return kernel_path(device, method_of(quant), quant.get("accuracy_level", 0),
                        used[0][0] if used else "CPUExecutionProvider")

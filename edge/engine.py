@@ -10,7 +10,7 @@ import onnxruntime as ort
 from edge import devices
 from edge.devices import Profile, read_device
 from edge import generate as gen
-from edge import memory
+from edge import fidelity, memory
 from edge.bundle import Bundle, BundleError, open_bundle
 from edge.chat import ChatTemplate, ChatTemplateError
 from edge.model import Model
@@ -71,12 +71,40 @@ class Engine:
         ids = self.encode(prompt, messages)
         return gen.generate(self.model, self.tokenizer, ids, self.params(**params), self.eos_ids)
 
+    def score(self, ids: Sequence[int]) -> np.ndarray:
+        """Teacher-forced log-probabilities of every vocabulary entry at every position: row i is the
+        distribution of the token after ids[:i + 1] ([len(ids) - 1, vocab], float32)."""
+        self._check_window(ids)
+        return log_softmax(self.model.score(list(ids)))
+
     def logprobs(self, ids: Sequence[int]) -> np.ndarray:
         """Log-probability of each token after the first given the ones before it (for perplexity)."""
-        return log_softmax(self.model.score(ids))[np.arange(len(ids) - 1), ids[1:]]
+        return self.score(ids)[np.arange(len(ids) - 1), list(ids[1:])]
 
     def perplexity(self, text: str) -> float:
         return float(np.exp(-self.logprobs(self.encode(text)).mean()))
+
+    def evaluate(self, text: str | Sequence[int], reference: Engine | None = None, window: int | None = None) -> dict:
+        """edge.fidelity's figures on a text (or token ids): perplexity, and against a reference bundle of the
+        same model the perplexity ratio, top-1 agreement and mean KL. Texts longer than the context (or than
+        `window`) are scored in consecutive windows, each from a fresh context."""
+        ids = self.encode(text) if isinstance(text, str) else [int(t) for t in text]
+        if reference is not None and reference.encode(text if isinstance(text, str) else ids) != ids:
+            raise ValueError("the reference bundle's tokenizer splits the text differently: compare bundles of the "
+                             "same model")
+        size = min(window or self.context_length, self.context_length,
+                   reference.context_length if reference else self.context_length)
+        windows = fidelity.windows(ids, size)
+        got = (block for w in windows for block in self.model.scored_rows(w))
+        want = (block for w in windows for block in reference.model.scored_rows(w)) if reference else None
+        return fidelity.measure(got, want)
+
+    def _check_window(self, ids: Sequence[int]) -> None:
+        if len(ids) < 2:
+            raise ValueError("scoring needs at least 2 tokens")
+        if len(ids) > self.context_length:
+            raise gen.ContextError(f"{len(ids)} tokens do not fit the context of {self.context_length}; score them "
+                                   f"in windows (Engine.evaluate does)")
 
 
 def resolve(bundle: str | Path) -> Path:

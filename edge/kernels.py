@@ -24,18 +24,26 @@ class KernelPath:
 
 def kernel_path(device: Device, method: str = "int4", accuracy_level: int = 4,
                 provider: str = "CPUExecutionProvider") -> KernelPath:
-    """The int4 kernel path for a bundle of this quantization on this device and execution provider."""
+    """The matrix kernel path for a bundle of this quantization (method_of) on this device and execution provider:
+    4- and 8-bit MatMulNBits take the same int8-or-fp32 decision."""
     if provider != "CPUExecutionProvider":
         name = provider.replace("ExecutionProvider", "")
         return KernelPath("provider", f"{name} kernels", f"{name} runs the matrix products; accuracy level is a CPU "
                                                           "setting")
-    if method != "int4":
+    if method not in ("int4", "int8"):  # int8-dynamic: MatMulInteger, always int8 (bundles before the presets)
         return KernelPath("fp32" if method in ("fp32", "fp16") else "int8", _simd(device),
                           f"this {method} bundle has no int4 matrix products")
     if accuracy_level != 4:
         return KernelPath("fp32", _simd(device), f"the bundle asks for fp32 compute (accuracy level "
                                                  f"{accuracy_level}); re-export it to let the CPU use int8 kernels")
     return _int8_or_fallback(device)
+
+
+def method_of(quantization: dict) -> str:
+    """The manifest's method in kernel terms: a preset's MatMulNBits (4 or 8 bits) or an older bundle's dynamic
+    int8 (written before the presets, with no "preset" key)."""
+    method = quantization.get("method", "fp32")
+    return "int8-dynamic" if method == "int8" and "preset" not in quantization else method
 
 
 def _int8_or_fallback(device: Device) -> KernelPath:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge import fidelity
 from edge.devices import Profile
 from edge.bundle import Bundle
 from edge.cache import KVCache, SharedKVCache
@@ -37,9 +38,11 @@ class Model:
         the graph computes the last position alone."""
         return cache.run(self.session, np.asarray(tokens, dtype=np.int64))
 
+    def scored_rows(self, ids):
+        """(logits, targets) blocks predicting ids[1:], teacher-forced from a fresh cache (edge/fidelity.py)."""
+        cache = self.new_cache()
+        return fidelity.scored_rows(lambda tokens: self.forward(cache, tokens), ids, self.last_only)
+
     def score(self, ids) -> np.ndarray:
         """Logits predicting ids[1:], one row per position 0 .. n-2 (teacher forcing)."""
-        cache = self.new_cache()
-        if not self.last_only:
-            return self.forward(cache, np.asarray(ids))[:-1]
-        return np.concatenate([self.forward(cache, np.asarray([t])) for t in ids[:-1]])
+        return np.concatenate([logits for logits, _ in self.scored_rows(ids)])

@@ -33,7 +33,8 @@ def _require_extra() -> None:
 
 
 def export(src: str, out: str, quant: str | None = None, block_size: int | None = None, force: bool = False,
-           profile: str | None = None, graph: str = "auto", accuracy_level: int = 4) -> dict:
+           profile: str | None = None, graph: str = "auto", accuracy_level: int = 4,
+           held_out_tokens: int | None = None) -> dict:
     """Export a checkpoint folder to a bundle at `out`; returns the manifest.
 
     profile: a device profile name or .toml path; its quantization is used where quant/block_size are not given,
@@ -42,6 +43,8 @@ def export(src: str, out: str, quant: str | None = None, block_size: int | None 
     traced graph, every family), or "auto": fast where the family is covered, else optimum.
     accuracy_level (int4): 4 asks for int8 activations, which onnxruntime uses where the CPU has the instructions
     and replaces by fp32 compute where not (edge/kernels.py); 0 always computes in fp32, for comparisons.
+    held_out_tokens: score only this many tokens of the held-out text in the quantization check (default: all
+    of it, over 2,000; the fast graph scores one token at a time, so a test suite may ask for fewer).
     """
     if accuracy_level not in (0, 4):
         raise ExportError(f"accuracy level {accuracy_level!r}: choose 4 (int8 activations where the CPU has them, "
@@ -50,12 +53,13 @@ def export(src: str, out: str, quant: str | None = None, block_size: int | None 
     quant = target["quant"]
     _require_extra()
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
+    from edge import presets
     from edge.export import bundle, convert, quantize, validate
     from edge.export import graph as fast_graph
 
-    if quant not in quantize.METHODS:
-        raise ExportError(f"unknown --quant {quant!r}; choose one of {', '.join(quantize.METHODS)}")
-    if quant == "int4":
+    if quant not in presets.CHOICES:
+        raise ExportError(f"unknown --quant {quant!r}; choose one of {', '.join(presets.CHOICES)}")
+    if quant in presets.PRESETS:
         quantize.check_block_size(target["block_size"])  # before minutes of loading and tracing, not after
     out_path = Path(out)
     if out_path.exists() and not force:
@@ -78,10 +82,11 @@ def export(src: str, out: str, quant: str | None = None, block_size: int | None 
     with bundle.staging(out_path, force) as scratch:
         raw_file, spec, reference = _onnx_stage(kind, model, shape, scratch)
         stage(4, "checking the ONNX graph against the source model")
-        figures = {"source": validate.source_fidelity(model, tokenizer, reference, shape)}
+        figures = {"source": validate.source_fidelity(model, tokenizer, reference, spec, shape)}
         log(_describe(figures["source"]))
         stage(5, f"quantizing ({quant})")
-        figures.update(_quantize_stage(raw_file, target, scratch / "bundle", tokenizer, reference, shape))
+        figures.update(_quantize_stage(raw_file, target, scratch / "bundle", tokenizer, reference, spec, shape,
+                                       held_out_tokens))
         stage(6, "writing the bundle")
         manifest = _manifest(convert.FAMILIES[config["model_type"]], config, model, tokenizer, source, shape, spec,
                              target, figures)
@@ -110,28 +115,43 @@ def _onnx_stage(kind: str, model, shape: dict, scratch: Path):
     return raw_file, spec, ort.InferenceSession(str(raw_file), providers=["CPUExecutionProvider"])
 
 
-def _quantize_stage(raw_file: Path, target: dict, folder: Path, tokenizer, reference, shape: dict) -> dict:
-    """Stage 5: the bundle's model file, and for quantized ones what quantization cost against fp32."""
+def _quantize_stage(raw_file: Path, target: dict, folder: Path, tokenizer, reference, spec: dict, shape: dict,
+                    held_out_tokens: int | None) -> dict:
+    """Stage 5: the bundle's model file, and for quantized ones what quantization cost against fp32 on the
+    held-out text."""
     import onnx
-    import onnxruntime as ort
 
-    from edge.export import bundle, quantize, validate
+    from edge.export import bundle, calibrate, quantize, validate
+    from edge.presets import PRESETS
 
-    model = quantize.quantize(onnx.load(raw_file), target["quant"], target["block_size"], target["accuracy_level"])
+    model = onnx.load(raw_file)
+    grams = None
+    if target["quant"] in PRESETS and PRESETS[target["quant"]].rounding != "absmax":
+        grams = calibrate.gram_matrices(model, calibrate.calibration_ids(tokenizer), spec, shape)
+    model = quantize.quantize(model, target["quant"], target["block_size"], target["accuracy_level"], grams)
     files = bundle.save_model(model, folder)
     if target["quant"] == "fp32":
         return {}
-    ids = tokenizer(validate.EVAL_TEXT).input_ids[: shape["context_length"]]
-    quantized = ort.InferenceSession(str(folder / files[0]), providers=["CPUExecutionProvider"])
-    loss = validate.quantization_loss(reference, quantized, ids, shape)
+    ids = tokenizer(validate.EVAL_TEXT).input_ids[:held_out_tokens]
+    return {"quantization": _loss(folder / files[0], reference, spec, shape, ids)}
+
+
+def _loss(file: Path, reference, spec: dict, shape: dict, ids: list[int]) -> dict:
+    import onnxruntime as ort
+
+    from edge.export import validate
+
+    quantized = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    loss = validate.quantization_loss(reference, quantized, spec, shape, ids)
     log(_describe(loss))
-    return {"quantization": loss}
+    return loss
 
 
 def _describe(figures: dict) -> str:
     if "perplexity_ratio" in figures:
-        return (f"quantization: perplexity {figures['perplexity']:.3f} vs fp32 {figures['perplexity_fp32']:.3f} "
-                f"(x{figures['perplexity_ratio']:.4f}), mean KL {figures['mean_kl']:.5f}")
+        return (f"quantization, {figures['text_tokens']} held-out tokens: perplexity {figures['perplexity']:.3f} vs "
+                f"fp32 {figures['perplexity_reference']:.3f} (x{figures['perplexity_ratio']:.4f}), top-1 agreement "
+                f"{figures['top1_agreement']:.1%}, mean KL {figures['mean_kl']:.4f}")
     return (f"ONNX vs source: max |logit error| {figures['max_abs_logit_error']:.2e}, "
             f"greedy agreement {figures['greedy_agreement']:.0%} over {figures['tokens']} tokens")
 
@@ -189,7 +209,7 @@ def _target(profile: str | None, quant: str | None, block_size: int | None, accu
     prefs = chosen.export if chosen else Export()
     quant = quant or prefs.quant
     return {"profile": chosen.name if chosen else None, "quant": quant, "block_size": block_size or prefs.block_size,
-            "accuracy_level": accuracy_level if quant == "int4" else 0}
+            "accuracy_level": accuracy_level if quant not in ("fp32", "fp16") else 0}
 
 
 def _manifest(family: str, config: dict, model, tokenizer, source: Path, shape, spec, target: dict, figures) -> dict:
@@ -199,15 +219,25 @@ def _manifest(family: str, config: dict, model, tokenizer, source: Path, shape, 
         "source": source.name,
         "model": shape,
         "onnx": {"file": "model.onnx", **spec},
-        "quantization": {"method": target["quant"], **({"block_size": target["block_size"], "symmetric": True,
-                                                         "accuracy_level": target["accuracy_level"]}
-                                                        if target["quant"] == "int4" else {})},
+        "quantization": _quantization(target),
         "target": {"profile": target["profile"]} if target["profile"] else None,
         "generation": _generation(model, tokenizer, source),
         "validation": figures,
         "created_by": {name: _version(name) for name in
                        ("edge-llm", "optimum-onnx", "transformers", "torch", "onnx", "onnxruntime")},
     }
+
+
+def _quantization(target: dict) -> dict:
+    """The manifest's record of the preset: what the runtime (kernel path, memory estimate) and a reader need."""
+    from edge.presets import PRESETS
+
+    preset = PRESETS.get(target["quant"])
+    if preset is None:
+        return {"method": target["quant"]}
+    return {"method": "int8" if preset.bits == 8 else "int4", "preset": preset.name, "bits": preset.bits,
+            "head_bits": preset.head_bits, "raised": list(preset.raised), "block_size": target["block_size"],
+            "symmetric": True, "rounding": preset.rounding, "accuracy_level": target["accuracy_level"]}
 
 
 def _generation(model, tokenizer, source: Path) -> dict:

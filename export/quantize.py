@@ -1,13 +1,11 @@
-"""Shrink the fp32 ONNX decoder with onnxruntime's own tools: int4 (MatMulNBits), int8 (dynamic), fp16 storage.
+"""Shrink the fp32 ONNX decoder: the presets of edge/presets.py as MatMulNBits (4 or 8 bits per weight, our own
+block rounding in export/blockwise.py), or fp16 storage.
 
 optimum writes a tied embedding twice (the Gather table and a transposed copy for lm_head). Every method here
-stores it once: fp32/fp16 compute lm_head from a Transpose of the table; int4 quantizes lm_head with MatMulNBits
+stores it once: fp32/fp16 compute lm_head from a Transpose of the table; presets quantize lm_head with MatMulNBits
 and gathers embedding rows from the very same packed bytes with GatherBlockQuantized.
 """
 from __future__ import annotations
-
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,21 +13,55 @@ from onnx import helper, numpy_helper
 
 from edge.export.errors import ExportError
 
-METHODS = ("fp32", "fp16", "int8", "int4")
 FP16_MAX = 65504.0
-INT8_BLOCK = 32  # block size of the int8 lm_head/embedding pair
 
 
-def quantize(model: onnx.ModelProto, method: str, block_size: int = 32, accuracy_level: int = 4) -> onnx.ModelProto:
-    """accuracy_level (int4): 0 computes in fp32; 4 quantizes activations to int8 for dot-product kernels."""
-    if method not in METHODS:
-        raise ExportError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "int4":
-        return to_int4(_head_copy(model), block_size, accuracy_level)
-    if method == "int8":
-        return to_int8(_head_copy(model))
+def quantize(model: onnx.ModelProto, method: str, block_size: int | None = None, accuracy_level: int = 4,
+             grams: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """method: fp32, fp16 or a preset of edge/presets.py. accuracy_level: 0 computes in fp32; 4 quantizes
+    activations to int8 for dot-product kernels. grams: the calibration's X^T X / T per MatMul node
+    (export/calibrate.py); without them searched and GPTQ rounding fall back to weighting by the weights alone."""
+    from edge.presets import CHOICES, PRESETS
+
+    if method not in CHOICES:
+        raise ExportError(f"unknown quantization {method!r}; choose one of {', '.join(CHOICES)}")
+    if method in PRESETS:
+        return to_preset(_head_copy(model), PRESETS[method], block_size, accuracy_level, grams)
     model = share_tied_embedding(model)
     return to_fp16(model) if method == "fp16" else model
+
+
+def to_preset(model: onnx.ModelProto, preset, block_size: int | None, accuracy_level: int,
+              grams: dict[str, np.ndarray] | None) -> onnx.ModelProto:
+    """Every MatMul with a constant weight at the preset's bits; a tied embedding gathered from lm_head's bytes,
+    an untied one quantized on its own."""
+    from edge.presets import fitted_block, recipe
+
+    block_size = block_size or preset.block_size
+    check_block_size(block_size)
+    layers = sum(1 for t in model.graph.input if t.name.startswith("past_key_values.") and t.name.endswith(".key"))
+    hidden = _initializers(model)[_find_embedding(model).input[0]].dims[1]
+    head_bits, head_block, _ = recipe(preset, "/lm_head/MatMul", layers, True, block_size)
+    head_block = fitted_block(hidden, head_block)
+    share = _tied(model) if head_block else None
+    if not share:
+        model = share_tied_embedding(model)  # a tied table not block-divisible: lm_head reads it through a Transpose
+    inits = _initializers(model)
+    plan = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            bits, block, rounding = recipe(preset, node.name, layers, bool(share), block_size)
+            block = fitted_block(inits[node.input[1]].dims[0], block)
+            if block:
+                plan[node.name] = (bits, block, rounding)
+    model = to_nbits(model, plan, accuracy_level, grams, preset.damping)
+    if share:
+        _gather_from_lm_head(model, head_block, bits=head_bits)
+    elif head_bits == 8:
+        _quantize_untied_embedding(model, head_block or block_size)
+    else:
+        model = _blockwise(model, bits=4, block_size=block_size, ops=("Gather",))
+    return model
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -129,55 +161,41 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Dynamic int8 (onnxruntime's quantize_dynamic): per-channel int8 weights, activations quantized per call.
-
-    A tied lm_head is instead blockwise int8 (MatMulNBits, 8 bits) so that the embedding can gather from the same
-    bytes; otherwise the vocab-sized table, the largest tensor of a small model, would stay fp32.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    share = _shareable(model, INT8_BLOCK)
-    if not share:  # before quantize_dynamic, which would turn lm_head's copy into an int8 MatMulInteger of its own
-        model = share_tied_embedding(model)  # lm_head then reads the table through a Transpose, left in fp32
-    head = [share[1].name] if share else []
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        # External data on both sides: a model over 2 GB cannot be one protobuf file.
-        onnx.save(model, src, save_as_external_data=True, location="fp32.onnx.data")
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-                         nodes_to_exclude=head, use_external_data_format=True,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # contrib ops defeat shape inference
-        model = onnx.load(dst)
-    if not share:
-        _quantize_untied_embedding(model, INT8_BLOCK)
-        return model
-    model = _blockwise(model, bits=8, block_size=INT8_BLOCK, ops=("MatMul",))  # only lm_head is left as MatMul
-    _gather_from_lm_head(model, INT8_BLOCK, bits=8)
-    return model
-
-
 def check_block_size(block_size: int) -> None:
     if block_size < 16 or block_size & (block_size - 1):
         raise ExportError(f"--block-size must be a power of two >= 16, not {block_size}")
 
 
-def to_int4(model: onnx.ModelProto, block_size: int, accuracy_level: int = 4) -> onnx.ModelProto:
-    """Blockwise symmetric int4 weights (MatMulNBits) for every MatMul with a constant weight, lm_head included."""
-    check_block_size(block_size)
-    share = _shareable(model, block_size)
-    model = _blockwise(model, bits=4, block_size=block_size, ops=("MatMul",) if share else ("MatMul", "Gather"),
-                       accuracy_level=accuracy_level)
-    if share:
-        _gather_from_lm_head(model, block_size, bits=4)
+def to_nbits(model: onnx.ModelProto, plan: dict[str, tuple[int, int, str]], accuracy_level: int,
+             grams: dict[str, np.ndarray] | None = None, damping: float = 0.01) -> onnx.ModelProto:
+    """Every MatMul named in plan (node name -> (bits, block size, rounding)) as MatMulNBits, rounded by
+    export/blockwise.py."""
+    from edge.export import blockwise
+
+    inits = _initializers(model)
+    for i, node in enumerate(list(model.graph.node)):
+        if node.name not in plan:
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        bits, block_size, rounding = plan[node.name]
+        gram = (grams or {}).get(node.name)
+        if rounding == "gptq" and gram is not None:
+            q = blockwise.quantize_compensated(weight, bits, block_size, gram, damping)
+        else:
+            importance = None if gram is None else np.diag(gram)
+            q = blockwise.quantize(weight, bits, block_size, importance, search=rounding != "absmax")
+        k, n = weight.shape
+        packed, scales = f"{node.input[1]}_Q{bits}", f"{node.input[1]}_scales"
+        model.graph.initializer.extend([numpy_helper.from_array(q.packed, packed),
+                                        numpy_helper.from_array(q.scales.reshape(-1), scales)])
+        replacement = helper.make_node("MatMulNBits", [node.input[0], packed, scales], list(node.output),
+                                       name=f"{node.name}_Q{bits}", domain="com.microsoft", K=k, N=n, bits=bits,
+                                       block_size=block_size, accuracy_level=accuracy_level)
+        model.graph.node.remove(node)
+        model.graph.node.insert(i, replacement)
+        if not any(node.input[1] in other.input for other in model.graph.node):
+            _remove_initializer(model, node.input[1])
     return model
-
-
-def _shareable(model: onnx.ModelProto, block_size: int):
-    """The tied (embedding, lm_head) pair when its rows split into whole blocks, else None."""
-    tied = _tied(model)
-    hidden = _initializers(model)[_find_embedding(model).input[0]].dims[1]
-    return tied if tied is not None and hidden % block_size == 0 else None
 
 
 def _blockwise(model: onnx.ModelProto, bits: int, block_size: int, ops: tuple[str, ...],

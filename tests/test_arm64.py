@@ -133,7 +133,14 @@ def jobs(exports) -> dict[str, dict]:
         "stories-int4-level0": {**stories, "bundle": exports.bundle("stories260K", "int4", accuracy_level=0)},
         "smollm2-int4": {**smollm2, "bundle": exports.bundle("smollm2-135m", "int4")},
         "smollm2-int4-level0": {**smollm2, "bundle": exports.bundle("smollm2-135m", "int4", accuracy_level=0)},
+        "smollm2-int4-plain": {**smollm2, "bundle": exports.bundle("smollm2-135m", "int4-plain")},
+        "smollm2-fp32": {**smollm2, "bundle": exports.bundle("smollm2-135m")},
     }
+
+
+# Where each job runs under emulation (the rest run on every emulated CPU); x86 runs them all. The SmolLM2 level-0
+# and fp32 bundles are only x86's references; plain int4 is timed beside the default preset on the A76.
+EMULATED_ON = {"smollm2-int4-level0": (), "smollm2-fp32": (), "smollm2-int4-plain": ("cortex-a76",)}
 
 
 def probe(command: list[str], jobs: dict[str, dict], names: list[str], out: Path, scored: int, env=None,
@@ -162,10 +169,10 @@ def x86(jobs, tmp_path_factory) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def arm(jobs, emulators, arm_python, tmp_path_factory, pytestconfig) -> dict[str, dict]:
-    """Every bundle under each emulated CPU (the SmolLM2 level-0 bundle is only x86's reference)."""
+    """Every bundle under each emulated CPU, but for EMULATED_ON's."""
     out, results = tmp_path_factory.mktemp("arm"), {}
-    names = [n for n in jobs if n != "smollm2-int4-level0"]
     for cpu, emulator in emulators.items():
+        names = [n for n in jobs if cpu in EMULATED_ON.get(n, (cpu,))]
         started = time.perf_counter()
         results[cpu] = probe(emulator.command(arm_python), jobs, names, out / cpu, SMOLLM2_SCORED[cpu], emulator.env,
                              emulator.cwd)
@@ -229,6 +236,20 @@ def test_the_a76_runs_the_int8_kernels_and_the_a72_falls_back(arm, x86, pytestco
     report(pytestconfig, "SmolLM2 int4 (level 4) teacher-forced, emulated seconds per token: " +
            ", ".join(f"{cpu} {t:.2f}" for cpu, t in times.items()) + " (qemu's speed, not a board's)")
     assert {arm[cpu]["smollm2-int4"]["profile"] for cpu in arm} == {"raspberry-pi-4", "raspberry-pi-5"}
+
+
+def test_the_default_preset_keeps_its_fidelity_and_speed_on_the_a76(arm, x86, pytestconfig):
+    """The default int4 preset (8-bit output table and attention projections) through the A76's int8 kernels:
+    its top-1 agreement with the fp32 bundle, and its emulated time per token against plain int4 (all 4-bit):
+    8-bit weights dequantized on every call instead of an int8 kernel would show as several times slower."""
+    a76, fp32 = arm["cortex-a76"], x86["cortex-a76"]["smollm2-fp32"]["logits"]
+    agreed = {n: agreement(a76[n]["logits"], fp32) for n in ("smollm2-int4", "smollm2-int4-plain")}
+    per_token = {n: a76[n]["score_s"] / a76[n]["scored_tokens"] for n in agreed}
+    report(pytestconfig, f"cortex-a76 top-1 agreement with fp32 over {len(fp32)} positions: default int4 "
+                         f"{agreed['smollm2-int4']:.1%}, int4-plain {agreed['smollm2-int4-plain']:.1%}; emulated s/token "
+                         f"{per_token['smollm2-int4']:.3f} and {per_token['smollm2-int4-plain']:.3f}")
+    assert agreed["smollm2-int4"] >= 0.75 and agreed["smollm2-int4"] > agreed["smollm2-int4-plain"], agreed
+    assert per_token["smollm2-int4"] < 1.5 * per_token["smollm2-int4-plain"], per_token
 
 
 @pytest.mark.parametrize("cpu", CPUS)

@@ -1,6 +1,7 @@
-"""The real trained stories260K model: exact greedy output in fp32, and what int8/int4 cost in perplexity."""
+"""The real trained stories260K model: exact greedy output in fp32, and what each quantization preset costs."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,12 @@ from families import STORIES, shared
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import edge
+from edge.presets import PRESETS
 
 TEXT = (Path(__file__).parent / "data" / "story.txt").read_text(encoding="utf-8")
-BOUNDS = {"int8": 1.05, "int4": 1.3}  # perplexity relative to the fp32 bundle, from the issue
+# (perplexity ratio below, top-1 agreement above) against the fp32 bundle, accuracy level 4; measured on this
+# project's x86 machine (README, "Quantization"), with room for other CPUs' int8 activation rounding
+BOUNDS = {"int4-plain": (1.2, 0.65), "int4": (1.08, 0.74), "int4-hq": (1.08, 0.76), "int8": (1.01, 0.95)}
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +49,36 @@ def test_long_prompt_prefills_in_chunks_like_one_pass(fp32):
     assert [r.token for r in records] == out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_quantized_bundles_tell_a_story(exports, fp32, quant):
+@pytest.mark.parametrize("quant", list(PRESETS))
+def test_every_preset_tells_a_story_and_meets_its_bound(exports, fp32, quant):
+    """Each preset exports, loads, writes a story, and keeps what the README says it keeps on the exporter's
+    held-out text (export/eval_text.txt, scored in windows of the 512-token context) and on a TinyStories text."""
     engine = edge.load(exports.bundle("stories260K", quant))
     story = engine.generate("Once upon a time", temperature=0, max_tokens=80)
     words = story.split()
     assert len(words) > 25 and sum(w.strip(".,!\"'").isalpha() for w in words) / len(words) > 0.9
-    ratio = engine.perplexity(TEXT) / fp32.perplexity(TEXT)
-    print(f"\nstories260K {quant}: perplexity {engine.perplexity(TEXT):.3f} vs fp32 {fp32.perplexity(TEXT):.3f} "
-          f"= x{ratio:.4f} (bound x{BOUNDS[quant]})")
-    assert ratio < BOUNDS[quant]
     manifest = engine.bundle.manifest
-    assert manifest["quantization"]["method"] == quant
-    assert manifest["validation"]["quantization"]["perplexity_ratio"] < BOUNDS[quant]
+    assert manifest["quantization"]["preset"] == quant
+    assert manifest["quantization"]["method"] == ("int8" if PRESETS[quant].bits == 8 else "int4")
+    held_out = manifest["validation"]["quantization"]
+    story_text = engine.evaluate(TEXT, fp32)
+    ratio, agreement = BOUNDS[quant]
+    print(f"\nstories260K {quant}: held-out x{held_out['perplexity_ratio']:.4f}, top-1 {held_out['top1_agreement']:.1%}, "
+          f"KL {held_out['mean_kl']:.4f}; story x{story_text['perplexity_ratio']:.4f}, top-1 "
+          f"{story_text['top1_agreement']:.1%} (bounds x{ratio}, {agreement:.0%})")
+    for figures in (held_out, story_text):
+        assert figures["perplexity_ratio"] < ratio and figures["top1_agreement"] > agreement
+
+
+def test_the_presets_lose_less_than_plain_int4(exports):
+    """The issue's bar on a model with native float weights: every preset beats onnxruntime's own int4 rounding
+    on both perplexity ratio and top-1 agreement (the held-out figures the exporter wrote)."""
+    figures = {q: json.loads((exports.bundle("stories260K", q) / "manifest.json").read_text())["validation"]
+               ["quantization"] for q in PRESETS}
+    plain = figures.pop("int4-plain")
+    for quant, f in figures.items():
+        assert f["perplexity_ratio"] < plain["perplexity_ratio"] and f["top1_agreement"] > plain["top1_agreement"], \
+            (quant, f, plain)
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
@@ -78,14 +99,16 @@ def test_quantized_bundles_store_the_tied_embedding_once(exports, quant):
     assert not fp32_tables  # only the int4 bytes and their scales remain
 
 
-def test_int8_stores_a_tied_embedding_once_where_its_rows_do_not_split_into_blocks(tmp_path, monkeypatch):
+def test_a_block_wider_than_the_rows_is_fitted_to_them(tmp_path):
     import onnx
 
-    from edge.export import quantize
     from edge.export.pipeline import export
 
-    monkeypatch.setattr(quantize, "INT8_BLOCK", 128)  # stories260K's rows are 64 wide: no whole int8 blocks
-    export(str(shared(STORIES)), str(tmp_path / "b"), quant="int8")
+    # stories260K's rows are 64 wide: blocks of 128 do not fit, 64 do; the tied table is still stored once
+    export(str(shared(STORIES)), str(tmp_path / "b"), quant="int8", block_size=128)
     model = onnx.load(tmp_path / "b" / "model.onnx")
-    assert len([t for t in model.graph.initializer if 512 in t.dims]) == 1  # the fp32 table, read by lm_head too
-    assert "MatMulInteger" not in {n.op_type for n in model.graph.node if "lm_head" in n.name}
+    blocks = {onnx.helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "block_size"}
+    assert blocks == {64}
+    assert [n.op_type for n in model.graph.node if "input_ids" in n.input] == ["GatherBlockQuantized"]
+    assert not [t for t in model.graph.initializer if {512, 64} <= set(t.dims) and t.data_type == onnx.TensorProto.FLOAT]

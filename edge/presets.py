@@ -1,0 +1,82 @@
+"""The quantization presets `edge export --quant` offers: which weights get how many bits, and how they are rounded.
+
+Presets are data, here in the runtime package because the CLI and the device profiles name them too (the
+exporter, export/quantize.py, carries them out). The figures that justify each one (size, fidelity, decode speed)
+are in the README's table, measured by benchmarks/quality.py on the real SmolLM2-135M-Instruct and on stories260K.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    summary: str  # one line for --help and the README
+    bits: int  # bits of every MatMul weight not named below
+    head_bits: int  # the output projection (lm_head) and, when tied, the embedding gathered from the same bytes
+    raised: tuple[str, ...] = ()  # MatMul roles (see roles()) kept at 8 bits: the most sensitive per byte
+    raised_layers: str = "all"  # "all", or "edges": the first and last quarter of the layers only
+    rounding: str = "gptq"  # "gptq": error-compensating; "search": searched scales, nearest rounding (both in
+    # export/blockwise.py); "absmax": onnxruntime's quantizer's rounding
+    block_size: int = 32  # weights per scale of the `bits` weights (--block-size overrides it)
+    wide_block: int = 128  # weights per scale of 8-bit weights in a 4-bit preset: 8 bits need fewer scales
+    searched: tuple[str, ...] = ()  # roles rounded with searched scales even where the preset says gptq
+    damping: float = 0.01  # GPTQ's dampening of the Gram matrix, as a fraction of its mean diagonal
+
+
+PRESETS = {p.name: p for p in (
+    Preset("int4", "4-bit GPTQ weights, 8-bit output/embedding table (the default)", bits=4, head_bits=8,
+           searched=("attn_qkv",), damping=1.0),
+    Preset("int4-hq", "int4 with the attention projections at 8 bits too: closest to fp32 of the 4-bit presets",
+           bits=4, head_bits=8, raised=("attn_qkv",), searched=("attn_qkv",), damping=1.0),
+    Preset("int4-plain", "4-bit weights rounded as onnxruntime's quantizer does (onnxruntime-genai's int4)",
+           bits=4, head_bits=4, rounding="absmax"),
+    Preset("int8", "8-bit weights, searched scales (int8 activations at accuracy level 4)", bits=8, head_bits=8,
+           rounding="search"),
+)}
+UNQUANTIZED = ("fp32", "fp16")
+CHOICES = UNQUANTIZED + tuple(PRESETS)
+
+
+def roles(node_name: str) -> str | None:
+    """The part of the decoder a MatMul computes, from the node names both graph kinds write."""
+    for role, marks in (("lm_head", ("lm_head",)), ("attn_qkv", ("qkv_proj", "q_proj", "k_proj", "v_proj")),
+                        ("attn_out", ("o_proj",)), ("mlp_in", ("gate_up_proj", "gate_proj", "up_proj")),
+                        ("mlp_down", ("down_proj",))):
+        if any(f"{m}/" in node_name or node_name.endswith(m) for m in marks):
+            return role
+    return None
+
+
+def layer_of(node_name: str) -> int | None:
+    for sep in ("layers.", "layers/"):
+        if sep in node_name:
+            digits = node_name.split(sep, 1)[1].split("/")[0].split(".")[0]
+            if digits.isdigit():
+                return int(digits)
+    return None
+
+
+def recipe(preset: Preset, node_name: str, layers: int, tied: bool, block_size: int) -> tuple[int, int, str]:
+    """(bits, block size, rounding) of one MatMul's weight. A tied lm_head's bytes are also the embedding table,
+    which GPTQ's compensation (tuned to lm_head's inputs) would distort: it gets searched scales instead."""
+    role = roles(node_name)
+    wide = block_size if preset.bits == 8 else max(block_size, preset.wide_block)
+    if role == "lm_head":
+        rounding = "search" if tied and preset.rounding == "gptq" else preset.rounding
+        return preset.head_bits, wide if preset.head_bits == 8 else block_size, rounding
+    rounding = "search" if role in preset.searched and preset.rounding == "gptq" else preset.rounding
+    if role in preset.raised:
+        layer = layer_of(node_name)
+        if preset.raised_layers == "all" or layer is None or layer < layers // 4 or layer >= layers - layers // 4:
+            return 8, wide, rounding
+    return preset.bits, block_size, rounding
+
+
+def fitted_block(k: int, block: int) -> int | None:
+    """The block size for a weight with K inputs: the asked one, halved down to 16 until it divides K; None
+    when none does (the weight stays fp32)."""
+    while block > 16 and k % block:
+        block //= 2
+    return block if k % block == 0 else None
