@@ -16,7 +16,6 @@ class Preset:
     bits: int  # bits of every MatMul weight not named below
     head_bits: int  # the output projection (lm_head) and, when tied, the embedding gathered from the same bytes
     raised: tuple[str, ...] = ()  # MatMul roles (see roles()) kept at 8 bits: the most sensitive per byte
-    raised_layers: str = "all"  # "all", or "edges": the first and last quarter of the layers only
     rounding: str = "gptq"  # "gptq": error-compensating; "search": searched scales, nearest rounding (both in
     # export/blockwise.py); "absmax": onnxruntime's quantizer's rounding
     block_size: int = 32  # weights per scale of the `bits` weights (--block-size overrides it)
@@ -49,29 +48,27 @@ def roles(node_name: str) -> str | None:
     return None
 
 
-def layer_of(node_name: str) -> int | None:
-    for sep in ("layers.", "layers/"):
-        if sep in node_name:
-            digits = node_name.split(sep, 1)[1].split("/")[0].split(".")[0]
-            if digits.isdigit():
-                return int(digits)
-    return None
-
-
-def recipe(preset: Preset, node_name: str, layers: int, tied: bool, block_size: int) -> tuple[int, int, str]:
-    """(bits, block size, rounding) of one MatMul's weight. A tied lm_head's bytes are also the embedding table,
-    which GPTQ's compensation (tuned to lm_head's inputs) would distort: it gets searched scales instead."""
+def recipe(preset: Preset, node_name: str, tied: bool, block_size: int) -> tuple[int, int, str]:
+    """(bits, block size, rounding) of one MatMul's weight."""
     role = roles(node_name)
-    wide = block_size if preset.bits == 8 else max(block_size, preset.wide_block)
     if role == "lm_head":
-        rounding = "search" if tied and preset.rounding == "gptq" else preset.rounding
-        return preset.head_bits, wide if preset.head_bits == 8 else block_size, rounding
+        return head_recipe(preset, tied, block_size)
     rounding = "search" if role in preset.searched and preset.rounding == "gptq" else preset.rounding
     if role in preset.raised:
-        layer = layer_of(node_name)
-        if preset.raised_layers == "all" or layer is None or layer < layers // 4 or layer >= layers - layers // 4:
-            return 8, wide, rounding
+        return 8, _wide(preset, block_size), rounding
     return preset.bits, block_size, rounding
+
+
+def head_recipe(preset: Preset, tied: bool, block_size: int) -> tuple[int, int, str]:
+    """(bits, block size, rounding) of the output projection. A tied lm_head's bytes are also the embedding table,
+    which GPTQ's compensation (tuned to lm_head's inputs) would distort: it gets searched scales instead."""
+    rounding = "search" if tied and preset.rounding == "gptq" else preset.rounding
+    return preset.head_bits, _wide(preset, block_size) if preset.head_bits == 8 else block_size, rounding
+
+
+def _wide(preset: Preset, block_size: int) -> int:
+    """The block of 8-bit weights: a 4-bit preset's wide block, an 8-bit preset's own."""
+    return block_size if preset.bits == 8 else max(block_size, preset.wide_block)
 
 
 def fitted_block(k: int, block: int) -> int | None:

@@ -35,13 +35,12 @@ def to_preset(model: onnx.ModelProto, preset, block_size: int | None, accuracy_l
               grams: dict[str, np.ndarray] | None) -> onnx.ModelProto:
     """Every MatMul with a constant weight at the preset's bits; a tied embedding gathered from lm_head's bytes,
     an untied one quantized on its own."""
-    from edge.presets import fitted_block, recipe
+    from edge.presets import fitted_block, head_recipe, recipe
 
     block_size = block_size or preset.block_size
     check_block_size(block_size)
-    layers = sum(1 for t in model.graph.input if t.name.startswith("past_key_values.") and t.name.endswith(".key"))
     hidden = _initializers(model)[_find_embedding(model).input[0]].dims[1]
-    head_bits, head_block, _ = recipe(preset, "/lm_head/MatMul", layers, True, block_size)
+    head_bits, head_block, _ = head_recipe(preset, True, block_size)
     head_block = fitted_block(hidden, head_block)
     share = _tied(model) if head_block else None
     if not share:
@@ -50,7 +49,7 @@ def to_preset(model: onnx.ModelProto, preset, block_size: int | None, accuracy_l
     plan = {}
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.input[1] in inits:
-            bits, block, rounding = recipe(preset, node.name, layers, bool(share), block_size)
+            bits, block, rounding = recipe(preset, node.name, bool(share), block_size)
             block = fitted_block(inits[node.input[1]].dims[0], block)
             if block:
                 plan[node.name] = (bits, block, rounding)
@@ -100,7 +99,7 @@ def _tied(model: onnx.ModelProto):
 
 def _head_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give a lm_head that reads the embedding through a Transpose (optimum's weight deduplication, which runs
-    where accelerate is installed, writes it so) its own transposed copy back: the int4/int8 recipes look for the
+    where accelerate is installed, writes it so) its own transposed copy back: the presets' recipes look for the
     tied pair as two tables, and store it once, quantized, when they find it."""
     gather = _find_embedding(model)
     table = gather.input[0]
