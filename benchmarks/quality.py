@@ -59,7 +59,7 @@ def llamacpp_row(ftype: str, hf_dir: Path, reference, text: str, threads: int) -
         logits = np.load(out, mmap_mode="r")
         starts = np.cumsum([0] + [len(w) - 1 for w in windows])
         got = ((logits[a:b], w[1:]) for a, b, w in zip(starts, starts[1:], windows))
-        want = (block for w in windows for block in _merged(reference.model.scored_rows(w)))
+        want = (block for w in windows for block in _merged(reference.decoder.scored_rows(w)))
         figures = fidelity.measure(got, want)
     return {"label": f"llama.cpp {ftype}", "MB": gguf.stat().st_size / 1e6, "accuracy_level": "-",
             "preset": ftype, **figures}

@@ -1,13 +1,16 @@
 """Random-init checkpoints with the exact shapes of real small models, for speed and memory benchmarks.
 
-    python benchmarks/shapes.py OUT_DIR [smollm2-135m|qwen2.5-0.5b ...]
+    python benchmarks/shapes.py OUT_DIR [smollm2-135m|qwen2.5-0.5b ...] [--tokenizer DIR]
 
 Speed does not depend on trained weights. Each folder gets a word-level tokenizer of exactly the model's
-vocabulary size (made here; nothing is downloaded), so every exporter and peer can load it.
+vocabulary size (made here; nothing is downloaded), so every exporter and peer can load it; or, with --tokenizer,
+the files of a real tokenizer no larger than the vocabulary (e.g. ../shared/tokenizers/qwen3 for the Qwen2.5 shape:
+its chat template, and text that splits as real text does, for the chat and prefix-cache benchmarks).
 """
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,7 +37,7 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
 
 
-def build(name: str, folder: Path) -> Path:
+def build(name: str, folder: Path, tokenizer: Path | None = None) -> Path:
     import torch
     import transformers
 
@@ -44,11 +47,18 @@ def build(name: str, folder: Path) -> Path:
     model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    write_tokenizer(folder, values["vocab_size"])
+    if tokenizer is None:
+        write_tokenizer(folder, values["vocab_size"])
+    else:
+        for file in tokenizer.iterdir():
+            if file.is_file() and not file.name.startswith(("config", "generation_config")):
+                shutil.copy(file, folder / file.name)
     return folder
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
-    for name in sys.argv[2:] or list(SHAPES):
-        print(build(name, out / name))
+    args = sys.argv[1:]
+    real = Path(args.pop(args.index("--tokenizer") + 1)) if "--tokenizer" in args else None
+    args = [a for a in args if a != "--tokenizer"]
+    for name in args[1:] or list(SHAPES):
+        print(build(name, Path(args[0]) / name, real))

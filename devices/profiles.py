@@ -72,6 +72,8 @@ class Memory:
     budget_mb: int = 0  # most memory a model may take on this board; 0 = only what the machine has free
     reserve_mb: int = 256  # memory left for the system and other programs
     default_context: int = 4096  # context length used unless the caller asks for another (capped by the model)
+    prefix_cache_mb: int = 64  # snapshots of recent prompts' keys and values (edge/prefix.py); 0 = no prefix cache.
+    # SmolLM2-135M keeps 45 KB per token, so 64 MB holds about 1,400 tokens of prompts; Qwen2.5-0.5B 24 KB
     huge_pages: bool = False  # transparent huge pages for the weights (the CLI sets glibc's tunable): faster
     # decode where TLB misses cost, slower and more variable loads (the kernel compacts memory for 2 MB pages)
 
@@ -108,6 +110,12 @@ class Profile:
     @property
     def provider_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.providers)
+
+    def with_threads(self, threads: int) -> Profile:
+        """This profile with another intra-op thread count (--threads)."""
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, not {threads}")
+        return replace(self, cpu=replace(self.cpu, intra_op_threads=threads))
 
 
 def profile_names() -> list[str]:
@@ -180,6 +188,7 @@ def check_values(profile: Profile, path: Path) -> None:
         ("session.graph_optimization", profile.session.graph_optimization in OPT_LEVELS, f"one of {OPT_LEVELS}"),
         ("export.quant", profile.export.quant in QUANTS, f"one of {QUANTS}"),
         ("memory.default_context", profile.memory.default_context > 0, "positive"),
+        ("memory.prefix_cache_mb", profile.memory.prefix_cache_mb >= 0, ">= 0 (0 turns the prefix cache off)"),
         ("match.arch", profile.match.arch in ("", "aarch64", "x86_64"), "'aarch64', 'x86_64' or ''"),
     ]
     for key, ok, want in checks:

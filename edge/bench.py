@@ -7,12 +7,15 @@ benchmarks/compare.py runs them beside edge-llm from a checkout, with this modul
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 
@@ -23,46 +26,111 @@ def measure(bundle: str, prompt_tokens: int, new_tokens: int, threads: int, prof
     """One run in this process: load, prefill a fixed prompt, greedy-decode exactly new_tokens (no eos stop)."""
     import edge
     from edge.devices import resolve
-    from edge import generate as gen
 
     started = time.perf_counter()
     chosen = resolve(profile).profile
     if threads:
-        chosen = replace(chosen, cpu=replace(chosen.cpu, intra_op_threads=threads))
+        chosen = chosen.with_threads(threads)
     engine = edge.load(bundle, profile=chosen, context_length=prompt_tokens + new_tokens + 8)
     load = time.perf_counter() - started
-    vocab = engine.model.shape["vocab_size"]
+    vocab = engine.bundle.manifest["model"]["vocab_size"]
     prompt = np.random.default_rng(0).integers(3, min(vocab, 30000), size=prompt_tokens).tolist()
-    in_graph = _time_forward(engine.model)
-    params = engine.params(temperature=0, max_tokens=new_tokens)
-    t0 = time.perf_counter()
-    stream = gen.stream(engine.model, engine.tokenizer, prompt, params, eos_ids=())
-    next(stream)
-    first = time.perf_counter()
-    in_graph[0] = 0.0
-    count = 1 + sum(1 for _ in stream)
-    end = time.perf_counter()
-    decoded = count - 1
+    records = list(engine.stream(prompt, temperature=0, max_tokens=new_tokens, ignore_eos=True, cache_prompt=False))
+    first, last = records[0], records[-1]
+    decoded, decode_s = len(records) - 1, last.seconds - first.seconds
+    in_graph = sum(r.compute_seconds for r in records[1:])
     return {
-        "load_s": load, "ttft_s": first - t0, "prefill_tok_s": prompt_tokens / (first - t0),
-        "decode_tok_s": decoded / (end - first), "host_ms_per_token": 1000 * ((end - first) - in_graph[0]) / decoded,
-        "peak_rss_mb": peak_rss_mb(), "tokens": count,
+        "load_s": load, "ttft_s": first.seconds, "prefill_tok_s": prompt_tokens / first.seconds,
+        "decode_tok_s": decoded / decode_s, "host_ms_per_token": 1000 * (decode_s - in_graph) / decoded,
+        "peak_rss_mb": peak_rss_mb(), "tokens": len(records),
     }
 
 
-def _time_forward(model) -> list[float]:
-    """Wrap model.forward to add up the seconds spent inside onnxruntime."""
-    spent = [0.0]
-    forward = model.forward
+def prefix_cache(bundle: str, cases_file: str, runs: int, threads: int = 0, profile: str = "auto") -> dict:
+    """Time to first token through `edge serve` (max_tokens 1), with the prefix cache and without it
+    (cache_prompt: false), in alternated rounds:
+    - "system prompt": the file's long system prompt, cached by one earlier request, then a short question;
+    - "turn 5": the file's conversation replayed turn by turn as a chat client sends it (the whole history each
+      time, the hand-written answers in it), the fifth turn timed. Each round's conversation starts with its own
+      tag, so no round finds an earlier round's in the cache."""
+    cases = json.loads(Path(cases_file).read_text(encoding="utf-8"))
+    system = [{"role": "system", "content": cases["system"]}]
+    times: dict[str, dict[str, list]] = {case: {"warm": [], "cold": []} for case in ("system prompt", "turn 5")}
+    with serving(bundle, threads, profile) as ask:
+        ask(system + [user("Hello.")])  # the system prompt is cached from here on
+        for r in range(runs):
+            question = system + [user(cases["questions"][r % len(cases["questions"])])]
+            times["system prompt"]["warm"].append(ask(question))
+            times["system prompt"]["cold"].append(ask(question, cache_prompt=False))
+            history = [{"role": "system", "content": f"Conversation {r + 1}. {cases['system']}"}]
+            *earlier, (last,) = cases["conversation"]
+            for said, answer in earlier:
+                history.append(user(said))
+                ask(history)
+                history.append({"role": "assistant", "content": answer})
+            times["turn 5"]["warm"].append(ask(history + [user(last)]))
+            times["turn 5"]["cold"].append(ask(history + [user(last)], cache_prompt=False))
+    return {case: _prefix_figures(t) for case, t in times.items()}
 
-    def timed(cache, tokens):
-        start = time.perf_counter()
+
+def user(content: str) -> dict:
+    return {"role": "user", "content": content}
+
+
+def _prefix_figures(times: dict[str, list]) -> dict:
+    """Median time to first token warm and cold, their ratio, and the prompt and cached token counts."""
+    warm, cold = (statistics.median(s for s, _ in times[k]) for k in ("warm", "cold"))
+    usage = times["warm"][-1][1]
+    return {"ttft_warm_s": warm, "ttft_cold_s": cold, "speedup": cold / warm, "prompt_tokens": usage["prompt_tokens"],
+            "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"], "runs": len(times["warm"])}
+
+
+@contextlib.contextmanager
+def serving(bundle: str, threads: int, profile: str):
+    """`edge serve` in a child process on a free loopback port; yields ask(messages, **fields) -> (seconds, usage)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "edge.cli", "serve", bundle, "--port", str(port), "--profile", profile]
+    server = subprocess.Popen(command + (["--threads", str(threads)] if threads else []),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(base, server)
+
+        def ask(messages, **fields):
+            body = json.dumps({"messages": messages, "max_tokens": 1, "temperature": 0, **fields}).encode()
+            request = urllib.request.Request(f"{base}/v1/chat/completions", body,
+                                             {"Content-Type": "application/json"})
+            started = time.perf_counter()
+            with urllib.request.urlopen(request, timeout=300) as response:
+                reply = json.loads(response.read())
+            return time.perf_counter() - started, reply["usage"]
+        yield ask
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _wait_healthy(base: str, server: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"edge serve exited: {server.stderr.read().decode(errors='replace')[-800:]}")
         try:
-            return forward(cache, tokens)
-        finally:
-            spent[0] += time.perf_counter() - start
-    model.forward = timed
-    return spent
+            with urllib.request.urlopen(f"{base}/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("edge serve did not become healthy")
+
+
+def prefix_table(results: dict) -> str:
+    rows = ["| case | prompt tokens | cached | TTFT cached | TTFT uncached | speed-up |", "| --- | --- | --- | --- | --- | --- |"]
+    rows += [f"| {case} | {r['prompt_tokens']} | {r['cached_tokens']} | {1000 * r['ttft_warm_s']:.1f} ms | "
+             f"{1000 * r['ttft_cold_s']:.1f} ms | x{r['speedup']:.2f} |" for case, r in results.items()]
+    return "\n".join(rows)
 
 
 def peak_rss_mb() -> float:

@@ -1,81 +1,111 @@
-"""The KV cache: past keys and values of every layer, as the exported graph takes and returns them.
+"""The KV state: past keys and values of every layer for the tokens seen so far, as plain numpy arrays.
 
-Two kinds, named by the manifest's `onnx.kv`:
-- "growing" (optimum's graph): the graph takes the whole past and returns past + new as `present`; the cache
-  swaps them in, so each step copies the cache once.
-- "shared-buffer" (the fast graph): one preallocated buffer per layer, sized to the chosen context, bound as
-  both past and present with onnxruntime's IO binding; GroupQueryAttention writes the new keys in place, so no
-  step copies or reallocates the cache.
-Both know their offset (tokens already seen) and run the session on the next chunk of tokens, given as the int64
-array Model.forward makes of them.
+It runs nothing: a decoder adapter (edge/decoder.py) reads and writes it. Two layouts, chosen by the adapter:
+- fixed: one preallocated [1, kv_heads, capacity, head_dim] buffer per layer and kind, written in place by the
+  graph (the fast graph binds the same memory as past and present); positions past `offset` are garbage.
+- growing: arrays exactly `offset` long, replaced by the graph's `present` outputs after every step (optimum's).
+Either way the state knows which tokens it holds, so that a prefix of it can be kept (trim), copied out
+(snapshot) and put back (restore): what the prefix cache and conversations are made of.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
-import onnxruntime as ort
 
 
-class KVCache:
-    def __init__(self, spec: dict, num_layers: int, num_kv_heads: int, head_dim: int):
-        self.spec = spec  # the manifest's "onnx" section: input and output names
-        self.offset = 0
-        empty = np.zeros((1, num_kv_heads, 0, head_dim), dtype=np.float32)
-        self.keys = [empty] * num_layers
-        self.values = [empty] * num_layers
-        layers = range(num_layers)  # names built once, not per step
-        self.past_names = [(spec["past_key"].format(layer=i), spec["past_value"].format(layer=i)) for i in layers]
-        self.output_names = [spec["logits"]] + [spec[f"present_{kind}"].format(layer=i)
-                                                for i in layers for kind in ("key", "value")]
-
-    def feeds(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        n, spec = len(tokens), self.spec
-        inputs = spec["inputs"]
-        feeds = {
-            inputs["input_ids"]: tokens.reshape(1, n),
-            inputs["attention_mask"]: np.ones((1, self.offset + n), dtype=np.int64),
-        }
-        if inputs.get("position_ids"):
-            feeds[inputs["position_ids"]] = np.arange(self.offset, self.offset + n, dtype=np.int64).reshape(1, n)
-        for (key_name, value_name), k, v in zip(self.past_names, self.keys, self.values):
-            feeds[key_name], feeds[value_name] = k, v
-        return feeds
-
-    def update(self, presents: list[np.ndarray], n: int) -> None:
-        self.keys, self.values = presents[0::2], presents[1::2]
-        self.offset += n
-
-    def run(self, session: ort.InferenceSession, tokens: np.ndarray) -> np.ndarray:
-        """Logits of the chunk (positions x vocab), after appending its keys and values."""
-        outputs = session.run(self.output_names, self.feeds(tokens))
-        self.update(outputs[1:], len(tokens))
-        return outputs[0][0]
+class CacheFullError(ValueError):
+    """More tokens than the state's capacity (the context the engine planned for)."""
 
 
-class SharedKVCache:
-    def __init__(self, session: ort.InferenceSession, spec: dict, num_layers: int, num_kv_heads: int, head_dim: int,
-                 capacity: int, vocab_size: int):
-        self.spec, self.capacity, self.offset = spec, capacity, 0
-        self.binding = session.io_binding()
-        self.buffers = []  # [layer][key, value]: each bound as past input and present output alike
-        for i in range(num_layers):
-            pair = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, num_kv_heads, capacity, head_dim), np.float32))
-                    for _ in range(2)]
-            for kind, buffer in zip(("key", "value"), pair):
-                self.binding.bind_ortvalue_input(spec[f"past_{kind}"].format(layer=i), buffer)
-                self.binding.bind_ortvalue_output(spec[f"present_{kind}"].format(layer=i), buffer)
-            self.buffers.append(pair)
-        self.logits = np.zeros((1, 1, vocab_size), np.float32)  # the bound output's memory, read without a round trip
-        self.binding.bind_ortvalue_output(spec["logits"], ort.OrtValue.ortvalue_from_numpy(self.logits))
-        self.mask = np.ones((1, capacity), dtype=np.int64)  # views of it are the attention masks: no allocation
+@dataclass(frozen=True)
+class Snapshot:
+    """A copy of the keys and values of a run of tokens, detached from any state."""
 
-    def run(self, session: ort.InferenceSession, tokens: np.ndarray) -> np.ndarray:
-        """Logits of the chunk's last position (1 x vocab), after writing its keys and values in place."""
-        n = len(tokens)
-        if self.offset + n > self.capacity:
-            raise ValueError(f"the KV cache holds {self.capacity} tokens; {self.offset + n} do not fit")
-        inputs = self.spec["inputs"]
-        self.binding.bind_cpu_input(inputs["input_ids"], tokens.reshape(1, n))
-        self.binding.bind_cpu_input(inputs["attention_mask"], self.mask[:, : self.offset + n])
-        session.run_with_iobinding(self.binding)
-        self.offset += n
-        return self.logits[0].copy()  # the bound buffer is overwritten by the next step
+    tokens: tuple[int, ...]  # the tokens whose keys and values these are, from position 0
+    keys: tuple[np.ndarray, ...]  # per layer, [1, kv_heads, len(tokens), head_dim]
+    values: tuple[np.ndarray, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
+
+
+class KVState:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int | None = None):
+        self.capacity = capacity  # fixed buffers of this many positions, or None for growing arrays
+        length = capacity if capacity is not None else 0
+        self.keys = [np.zeros((1, num_kv_heads, length, head_dim), np.float32) for _ in range(num_layers)]
+        self.values = [np.zeros((1, num_kv_heads, length, head_dim), np.float32) for _ in range(num_layers)]
+        self.tokens: list[int] = []  # what the keys and values at positions 0 .. offset-1 belong to
+        self.bound = None  # the adapter's handle on these buffers (onnxruntime's IO binding), made on first use
+
+    @property
+    def offset(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def fixed(self) -> bool:
+        return self.capacity is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the state holds now (fixed buffers: all of it, used or not)."""
+        return sum(a.nbytes for a in self.keys) + sum(a.nbytes for a in self.values)
+
+    def room(self, n: int) -> None:
+        """Refuse n more tokens that would not fit, before the graph writes past the buffers."""
+        if self.fixed and self.offset + n > self.capacity:
+            raise CacheFullError(f"the KV cache holds {self.capacity} tokens; {self.offset + n} do not fit")
+
+    def append(self, tokens: Sequence[int], keys=None, values=None) -> None:
+        """Note that the graph has written the tokens' keys and values (growing: hand over the new arrays)."""
+        self.tokens.extend(int(t) for t in tokens)
+        if keys is not None:
+            self.keys, self.values = list(keys), list(values)
+
+    def trim(self, n: int) -> None:
+        """Keep the first n tokens only: the next token goes to position n."""
+        if not 0 <= n <= self.offset:
+            raise ValueError(f"cannot trim a state of {self.offset} tokens to {n}")
+        del self.tokens[n:]
+        if not self.fixed:
+            self.keys = [k[:, :, :n] for k in self.keys]
+            self.values = [v[:, :, :n] for v in self.values]
+
+    def snapshot(self, n: int | None = None) -> Snapshot:
+        """A copy of the first n tokens' keys and values (all of them by default)."""
+        n = self.offset if n is None else n
+        if not 0 <= n <= self.offset:
+            raise ValueError(f"cannot snapshot {n} tokens of a state of {self.offset}")
+        # .copy(), never ascontiguousarray: with one KV head the slice is contiguous already, and would stay a view
+        copy = lambda arrays: tuple(a[:, :, :n].copy() for a in arrays)  # noqa: E731
+        return Snapshot(tuple(self.tokens[:n]), copy(self.keys), copy(self.values))
+
+    def restore(self, snapshot: Snapshot, n: int | None = None) -> None:
+        """Replace the state with the first n tokens of a snapshot (all of them by default)."""
+        n = len(snapshot.tokens) if n is None else n
+        if not 0 <= n <= len(snapshot.tokens):
+            raise ValueError(f"cannot restore {n} tokens from a snapshot of {len(snapshot.tokens)}")
+        if len(snapshot.keys) != len(self.keys) or snapshot.keys[0].shape[1::2] != self.keys[0].shape[1::2]:
+            raise ValueError("the snapshot is of another model's shape")
+        if self.fixed:
+            if n > self.capacity:
+                raise CacheFullError(f"the KV cache holds {self.capacity} tokens; a snapshot of {n} does not fit")
+            for mine, theirs in zip(self.keys + self.values, snapshot.keys + snapshot.values):
+                mine[:, :, :n] = theirs[:, :, :n]
+        else:  # the graph never writes into its past inputs, so views of the snapshot are safe to feed
+            self.keys = [k[:, :, :n] for k in snapshot.keys]
+            self.values = [v[:, :, :n] for v in snapshot.values]
+        self.tokens = list(snapshot.tokens[:n])
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    x, y = np.asarray(a[:n]), np.asarray(b[:n])
+    differ = np.flatnonzero(x != y)
+    return int(differ[0]) if len(differ) else n

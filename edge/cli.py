@@ -79,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template")
     _add_bundle(chat)
     chat.add_argument("--system", help="a system prompt")
+    chat.add_argument("--overflow", choices=["refuse", "drop-oldest"], default="refuse",
+                      help="when the conversation outgrows the context: refuse the turn (default, with the numbers) "
+                           "or drop the oldest exchanges after the system prompt")
     _add_sampling(chat)
     chat.set_defaults(func=cmd_chat)
 
@@ -113,7 +116,12 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key-file", help="read the key from this file, so it is not in the process list")
     serve.add_argument("--profile", default="auto", help="device profile name or .toml path (default: auto)")
     serve.add_argument("--context", type=int, help="context length to plan for (default: the profile's)")
+    serve.add_argument("--threads", type=int, help="onnxruntime's intra-op threads (default: the profile's)")
     serve.add_argument("--max-queue", type=int, default=8, help="requests that may wait while one generates (8)")
+    _add_prefix_cache(serve)
+    serve.add_argument("--prefix-cache-file", type=Path, metavar="FILE",
+                       help="save the prefix cache here at shutdown and restore it at start (checked against the "
+                            "bundle), so that the first request after a reboot is warm")
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM (10)")
     serve.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (1 MB)")
     serve.add_argument("--model-name", help="the model id /v1/models reports (default: the bundle folder's name)")
@@ -142,6 +150,9 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=0, help="intra-op threads (default: the profile's)")
     bench.add_argument("--profile", default="auto")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bench.add_argument("--prefix-cache-set", metavar="FILE",
+                       help="instead: time to first token through edge serve with and without the prefix cache, for "
+                            "the system prompt and conversation in FILE (benchmarks/prefix_cache.json in a checkout)")
     bench.set_defaults(func=cmd_bench)
 
     devices = sub.add_parser("devices", help="list the device profiles, or show one")
@@ -197,8 +208,28 @@ def _add_bundle(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="a bundle folder, or 'demo' for the small story model that ships with edge-llm")
     p.add_argument("--profile", default="auto", help="device profile name or .toml path (default: auto)")
     p.add_argument("--context", type=int, help="context length to plan for (default: the profile's, capped by the model)")
+    p.add_argument("--threads", type=int, help="onnxruntime's intra-op threads (default: the profile's)")
+    _add_prefix_cache(p)
     p.add_argument("--verbose", "-v", action="store_true",
                    help="say on stderr which profile, providers and int4 kernels run, and how fast it went")
+
+
+def _add_prefix_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefix-cache", type=_prefix_cache_mb, metavar="off|MB",
+                   help="memory for the keys and values of recent prompts, reused by prompts that start the same way "
+                        "(default: the profile's, where the model leaves room); off: prefill every prompt whole")
+
+
+def _prefix_cache_mb(value: str) -> float:
+    if value.lower() in ("off", "0"):
+        return 0
+    try:
+        mb = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'off' or a size in MB, not {value!r}") from None
+    if not mb > 0:
+        raise argparse.ArgumentTypeError(f"'off' or a size in MB above 0, not {value!r}")
+    return mb
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -223,7 +254,11 @@ def _load(args):
     import edge
 
     started = time.perf_counter()
-    engine = edge.load(args.bundle, profile=args.profile, context_length=args.context)
+    profile = args.profile
+    if getattr(args, "threads", None):
+        profile = _profile(profile).with_threads(args.threads)
+    engine = edge.load(args.bundle, profile=profile, context_length=args.context,
+                       prefix_cache_mb=getattr(args, "prefix_cache", None))
     if getattr(args, "verbose", False):
         _describe_engine(engine, time.perf_counter() - started)
     return engine
@@ -235,10 +270,10 @@ def _describe_engine(engine, load_s: float) -> None:
 
     quant = engine.bundle.manifest.get("quantization", {})
     path = kernel_path(read_device(), method_of(quant), quant.get("accuracy_level", 0),
-                       engine.model.providers[0])
+                       engine.decoder.providers[0])
     for line in (f"bundle: {engine.bundle.path} ({quant.get('method', '?')}, accuracy level "
                  f"{quant.get('accuracy_level', '-')}), loaded in {load_s:.2f} s",
-                 f"profile: {engine.profile.name}; providers: {', '.join(engine.model.providers)}; "
+                 f"profile: {engine.profile.name}; providers: {', '.join(engine.decoder.providers)}; "
                  f"context: {engine.context_length}",
                  f"kernels: {describe(path)}"):
         print(f"edge: {line}", file=sys.stderr)
@@ -283,7 +318,7 @@ def cmd_chat(args) -> int:
     engine = _load(args)
     if engine.chat_template is None:
         raise ChatTemplateError(f"{engine.bundle.path} has no chat template, so it cannot chat; use `edge run`")
-    messages = [{"role": "system", "content": args.system}] if args.system else []
+    conversation = engine.conversation(system=args.system, overflow=args.overflow)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -291,20 +326,15 @@ def cmd_chat(args) -> int:
         line = sys.stdin.readline()
         if not line or line.strip() in ("/exit", "/quit"):
             return 0
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        try:
-            reply = _chat_turn(engine, messages, _sampling(args))
+        try:  # the conversation keeps its token ids: each turn prefills only what is new
+            _print_stream(conversation.say(line.rstrip("\n"), **_sampling(args)))
         except (ContextError, ChatTemplateError) as e:  # the conversation goes on without this turn
             print(f"edge: {e}", file=sys.stderr)
-            messages.pop()
             continue
-        messages.append({"role": "assistant", "content": reply})
-
-
-def _chat_turn(engine, messages: list[dict], sampling: dict) -> str:
-    reply = _print_stream(engine.stream(messages=messages, **sampling))
-    sys.stdout.write("\n")
-    return reply
+        sys.stdout.write("\n")
+        if args.verbose and conversation.last is not None:
+            print(f"edge: {len(conversation.ids)} tokens in the conversation, {conversation.last.cached_tokens} of "
+                  f"this turn's prompt reused", file=sys.stderr)
 
 
 def cmd_verify(args) -> int:
@@ -343,7 +373,7 @@ def cmd_serve(args) -> int:
               file=sys.stderr)
     settings = ServerSettings(api_key=key or None, max_queue=args.max_queue, max_body=args.max_body,
                               model_name=args.model_name or resolve(args.bundle).resolve().name,
-                              cors_origins=_cors_origins(args))
+                              cors_origins=_cors_origins(args), prefix_cache_file=args.prefix_cache_file)
     if "*" in settings.cors_origins and not key:
         print("edge: warning: CORS origin '*' without an API key: any web page opened on this machine can use "
               "the model", file=sys.stderr)
@@ -396,6 +426,12 @@ def cmd_bench(args) -> int:
     from edge.bench import alternate, edge_runner, table
     from edge.engine import resolve
 
+    if args.prefix_cache_set:
+        from edge.bench import prefix_cache, prefix_table
+
+        results = prefix_cache(str(resolve(args.bundle)), args.prefix_cache_set, args.runs, args.threads, args.profile)
+        print(json.dumps(results, indent=2) if args.json else prefix_table(results))
+        return 0
     runners = {"edge": edge_runner(str(resolve(args.bundle)), args.threads, args.profile)}
     results = alternate(runners, args.prompt_tokens, args.new_tokens, args.runs)
     print(json.dumps(results, indent=2) if args.json else table(results))

@@ -81,6 +81,11 @@ def describe_bundle(path: Path, profile: Profile, device: Device, context: int |
              f"memory at {context} tokens: about {need.total_mb:.0f} MB needed; {limit} allows "
              f"{'unlimited' if have == float('inf') else f'{have:.0f} MB'}",
              f"kernels for this bundle: {describe(bundle_kernels(manifest, profile, device))}"]
+    prefix = profile.memory.prefix_cache_mb
+    if prefix:
+        fits = memory.estimate(bundle, context, prefix).total_mb <= have
+        lines.append(f"prefix cache: the profile's {prefix} MB " + ("fit beside it" if fits else
+                     "do not fit beside it: it is off at load (--prefix-cache MB for a smaller one)"))
     warnings = []
     if need.total_mb > have:
         warnings.append(f"the model is over the memory budget ({need.total_mb:.0f} > {have:.0f} MB): "

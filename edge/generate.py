@@ -1,11 +1,13 @@
 """The generation loop as layered generators.
 
-`step` yields (token, logprob) pairs: prefill, then one decode step per token. `stream` turns them into
+`step` yields (token, logprob, ...) tuples: prefill, then one decode step per token, through a decoder adapter
+(edge/decoder.py) and a KV state it is given (edge/cache.py). `stream` turns them into
 `Record`s of text, honouring eos ids, stop strings and max_tokens. `generate` joins a stream into a string.
 The CLI, the HTTP server and embedding products consume `stream` and nothing below it.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
@@ -13,11 +15,10 @@ from typing import NamedTuple
 import numpy as np
 
 from edge import sampling
-from edge.model import Model
+from edge.cache import KVState, common_prefix
+from edge.decoder import Decoder
 from edge.sampling import Processor, Sampler, log_softmax, make_processors, make_sampler
 from edge.tokenizer import Tokenizer
-
-PREFILL_CHUNK = 64  # prompt tokens per forward pass: bounds the (chunk x vocab) logits buffer on small boards
 
 
 class ContextError(ValueError):
@@ -41,6 +42,7 @@ class GenerationParams:
     top_logprobs: int = 0  # also report this many most likely tokens at each step (0 to 20)
     seed: int | None = None  # fixes the random draws; None draws a fresh seed
     stop: list[str] = field(default_factory=list)  # strings that end generation; not included in the text
+    ignore_eos: bool = False  # generate past end-of-sequence tokens, up to max_tokens (benchmarks, as llama.cpp's)
 
     def __post_init__(self):
         checks = {
@@ -74,15 +76,23 @@ class Record(NamedTuple):
     logprob: float  # its log-probability under the model's raw distribution (log-softmax of the logits)
     finish_reason: str | None  # None, "stop" (eos or stop string) or "length"
     top_logprobs: tuple[tuple[int, float], ...] = ()  # (token, logprob) of the most likely tokens, when asked
+    piece: str = ""  # the token's own text as it reads mid-sentence, special tokens included (for logprobs)
+    top_pieces: tuple[str, ...] = ()  # the texts of the top_logprobs tokens, in their order
+    cached_tokens: int = 0  # prompt tokens whose keys and values were reused, not prefilled
+    seconds: float = 0.0  # from the start of the stream to this record
+    compute_seconds: float = 0.0  # of which spent in the decoder for this record (the first: the prefill too)
 
 
-def step(model: Model, prompt: Sequence[int], sampler: Sampler, processors: list[Processor],
-         top_n: int = 0) -> Iterator[tuple[int, float, tuple]]:
-    """Prefill the prompt, then yield (token, logprob, top_n alternatives) forever; the consumer decides when to stop."""
-    cache = model.new_cache()
-    tokens = np.asarray(prompt, dtype=np.int64)
-    for start in range(0, len(tokens), PREFILL_CHUNK):
-        logits = model.forward(cache, tokens[start:start + PREFILL_CHUNK])[-1]
+def step(decoder: Decoder, state: KVState, prompt: Sequence[int], sampler: Sampler, processors: list[Processor],
+         top_n: int = 0) -> Iterator[tuple[int, float, tuple, float]]:
+    """Prefill what the state lacks of the prompt, then yield (token, logprob, top_n alternatives, seconds in the
+    decoder) forever; the consumer decides when to stop. The state must hold a prefix of the prompt, shorter than
+    it, and is left holding the prompt and every yielded token but the last."""
+    if state.offset >= len(prompt) or state.tokens != list(prompt[:state.offset]):
+        raise ValueError("the KV state must hold a proper prefix of the prompt")
+    started = time.perf_counter()
+    logits = decoder.prefill(prompt[state.offset:], state)
+    spent = time.perf_counter() - started
     history = list(prompt)
     while True:
         scores = logits
@@ -91,11 +101,13 @@ def step(model: Model, prompt: Sequence[int], sampler: Sampler, processors: list
         token = sampler(scores)
         if top_n:
             logprobs = log_softmax(logits)
-            yield token, float(logprobs[token]), top_tokens(logprobs, top_n)
+            yield token, float(logprobs[token]), top_tokens(logprobs, top_n), spent
         else:
-            yield token, sampling.logprob(logits, token), ()
+            yield token, sampling.logprob(logits, token), (), spent
         history.append(token)
-        logits = model.forward(cache, np.array([token], dtype=np.int64))[-1]
+        started = time.perf_counter()
+        logits = decoder.forward([token], state)[-1]
+        spent = time.perf_counter() - started
 
 
 def top_tokens(logprobs: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
@@ -106,54 +118,68 @@ def top_tokens(logprobs: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
     return tuple((int(t), float(logprobs[t])) for t in best)
 
 
-def check_prompt(model: Model, prompt: Sequence[int]) -> None:
+def check_prompt(decoder: Decoder, prompt: Sequence[int]) -> None:
     """Refuse a prompt the model cannot take (empty, ids outside the vocabulary, no room left) before any work."""
     if not len(prompt):
         raise ContextError("the prompt is empty")
-    vocab = model.shape["vocab_size"]
+    vocab = decoder.shape["vocab_size"]
     if min(prompt) < 0 or max(prompt) >= vocab:
         raise ContextError(f"the prompt has token ids outside the vocabulary (0 to {vocab - 1})")
-    if len(prompt) >= model.context_length:
-        raise ContextLengthError(f"the prompt has {len(prompt)} tokens but the context holds {model.context_length}; "
+    if len(prompt) >= decoder.context_length:
+        raise ContextLengthError(f"the prompt has {len(prompt)} tokens but the context holds {decoder.context_length}; "
                                  f"shorten it (nothing was cut)")
 
 
-def stream(model: Model, tokenizer: Tokenizer, prompt: Sequence[int], params: GenerationParams,
-           eos_ids: Sequence[int] = ()) -> Iterator[Record]:
+def stream(decoder: Decoder, tokenizer: Tokenizer, prompt: Sequence[int], params: GenerationParams,
+           eos_ids: Sequence[int] = (), state: KVState | None = None) -> Iterator[Record]:
     """Records of generated text until eos, a stop string, max_tokens or a full context. The prompt is checked
-    here, at the call, not when the first record is asked for."""
-    check_prompt(model, prompt)
-    return _records(model, tokenizer, prompt, params, eos_ids)
+    here, at the call, not when the first record is asked for.
+
+    state: a KV state to continue (e.g. the last generation's): its longest prefix shared with the prompt is kept
+    and only the rest is prefilled; left holding this generation's tokens. None starts from a fresh one."""
+    check_prompt(decoder, prompt)
+    if state is None:
+        state = decoder.new_state()
+    else:
+        state.trim(min(common_prefix(state.tokens, prompt), len(prompt) - 1))
+    return _records(decoder, tokenizer, prompt, params, eos_ids, state)
 
 
-def _records(model: Model, tokenizer: Tokenizer, prompt: Sequence[int], params: GenerationParams,
-             eos_ids: Sequence[int]) -> Iterator[Record]:
-    limit = min(params.max_tokens, model.context_length - len(prompt))
+def _records(decoder: Decoder, tokenizer: Tokenizer, prompt: Sequence[int], params: GenerationParams,
+             eos_ids: Sequence[int], state: KVState) -> Iterator[Record]:
+    limit = min(params.max_tokens, decoder.context_length - len(prompt))
     if limit == 0:
         return
+    started, cached = time.perf_counter(), state.offset
     sampler = make_sampler(params.temperature, params.top_k, params.top_p, params.min_p, params.seed)
     processors = make_processors(params.repetition_penalty, params.presence_penalty, params.frequency_penalty,
                                  len(prompt))
-    steps = step(model, prompt, sampler, processors, params.top_logprobs)
+    steps = step(decoder, state, prompt, sampler, processors, params.top_logprobs)
+    eos_ids = () if params.ignore_eos else eos_ids
     detok, stops = tokenizer.detokenizer(prompt), StopMatcher(params.stop)
-    for count, (token, logprob, top) in enumerate(steps, start=1):
+
+    def record(text, token, logprob, finish, top, spent):
+        pieces = tuple(tokenizer.decode_one(t) for t, _ in top)
+        return Record(text, token, logprob, finish, top, tokenizer.decode_one(token), pieces, cached,
+                      time.perf_counter() - started, spent)
+    for count, (token, logprob, top, spent) in enumerate(steps, start=1):
         if token in eos_ids:
             text, _ = stops.finish(detok.flush())
-            yield Record(text, token, logprob, "stop", top)
+            yield record(text, token, logprob, "stop", top, spent)
             return
         text, stopped = stops.feed(detok.add(token))
         if not stopped and count == limit:
             tail, stopped = stops.finish(detok.flush())
             text += tail
         if stopped or count == limit:
-            yield Record(text, token, logprob, "stop" if stopped else "length", top)
+            yield record(text, token, logprob, "stop" if stopped else "length", top, spent)
             return
-        yield Record(text, token, logprob, None, top)
+        yield record(text, token, logprob, None, top, spent)
 
 
-def generate(model: Model, tokenizer: Tokenizer, prompt: Sequence[int], params: GenerationParams,
-             eos_ids: Sequence[int] = ()) -> str:
-    return "".join(record.text for record in stream(model, tokenizer, prompt, params, eos_ids))
+def generate(decoder: Decoder, tokenizer: Tokenizer, prompt: Sequence[int], params: GenerationParams,
+             eos_ids: Sequence[int] = (), state: KVState | None = None) -> str:
+    return "".join(record.text for record in stream(decoder, tokenizer, prompt, params, eos_ids, state))
 
 
 class StopMatcher:

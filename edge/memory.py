@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from edge.devices import Device, Profile
 from edge.bundle import Bundle
-from edge.generate import PREFILL_CHUNK
+from edge.decoder import PREFILL_CHUNK, kind_of
 
 MB = 1 << 20
 # Measured on x86-64 with onnxruntime 1.32 (tests/test_memory.py checks the sum against real peak RSS):
@@ -31,10 +31,11 @@ class Estimate:
     work_mb: float  # the largest transient buffers: a prefill chunk's logits, attention scores, MLP activations
     runtime_mb: float = RUNTIME_MB  # the interpreter and libraries
     context: int = 0  # the context length the estimate is for
+    prefix_mb: float = 0  # the prefix cache's budget: snapshots of recent prompts' keys and values
 
     @property
     def total_mb(self) -> float:
-        return self.weights_mb + self.tokenizer_mb + self.kv_mb + self.work_mb + self.runtime_mb
+        return self.weights_mb + self.tokenizer_mb + self.kv_mb + self.work_mb + self.runtime_mb + self.prefix_mb
 
 
 def planned_context(manifest: dict, profile: Profile, requested: int | None) -> int:
@@ -42,21 +43,23 @@ def planned_context(manifest: dict, profile: Profile, requested: int | None) -> 
     return min(requested or profile.memory.default_context, manifest["model"]["context_length"])
 
 
-def estimate(bundle: Bundle, context: int) -> Estimate:
-    """Peak memory of loading the bundle and generating until `context` tokens are in the cache."""
+def estimate(bundle: Bundle, context: int, prefix_mb: float = 0) -> Estimate:
+    """Peak memory of loading the bundle and generating until `context` tokens are in the cache, with a prefix
+    cache of `prefix_mb` full."""
     manifest = bundle.manifest
     shape, files = manifest["model"], manifest["files"]
     stored = sum(entry["size"] for name, entry in files.items() if name.startswith(manifest["onnx"]["file"]))
     fp16 = manifest.get("quantization", {}).get("method") == "fp16"
     weights = PREPACK * stored * (2 if fp16 else 1) + SESSION_MB * MB  # fp16 is widened to fp32 at load
     tokenizer = TOKENIZER_PER_BYTE * files.get(manifest["tokenizer"]["file"], {}).get("size", 0)
-    shared = manifest["onnx"].get("kv") == "shared-buffer"  # one preallocated buffer, or past in + present out
-    kv = (1 if shared else 2) * 2 * shape["num_layers"] * shape["num_kv_heads"] * shape["head_dim"] * context * 4
-    rows = 1 if manifest["onnx"].get("logits_positions") == "last" else PREFILL_CHUNK
+    decoder = kind_of(manifest["onnx"])  # the graph kind's own figures
+    kv = decoder.kv_bytes(shape, context)
+    rows = decoder.logits_rows()
     logits = 3 * rows * shape["vocab_size"] * 4  # graph output, its copy and the float64 sampling copy
     scores = 2 * shape["num_heads"] * PREFILL_CHUNK * context * 4
     mlp = 4 * PREFILL_CHUNK * 4 * shape["hidden_size"] * 4
-    return Estimate(weights / MB, tokenizer / MB, kv / MB, (logits + scores + mlp) / MB, context=context)
+    return Estimate(weights / MB, tokenizer / MB, kv / MB, (logits + scores + mlp) / MB, context=context,
+                    prefix_mb=prefix_mb)
 
 
 def available_mb(profile: Profile, device: Device) -> tuple[float, str]:
@@ -78,6 +81,6 @@ def check(need: Estimate, profile: Profile, device: Device) -> None:
     raise MemoryBudgetError(
         f"the model needs about {need.total_mb:.0f} MB (weights {need.weights_mb:.0f} + tokenizer "
         f"{need.tokenizer_mb:.0f} + KV cache {need.kv_mb:.0f} at {need.context} tokens + work {need.work_mb:.0f} "
-        f"+ runtime {need.runtime_mb:.0f}), "
+        f"+ runtime {need.runtime_mb:.0f}{f' + prefix cache {need.prefix_mb:.0f}' if need.prefix_mb else ''}), "
         f"but {limit} allows {have:.0f} MB; try a smaller context (context_length / --context) or a smaller "
         f"quantization (edge export --quant int4)")

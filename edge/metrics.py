@@ -17,15 +17,20 @@ class Metrics:
         self.decode_rate = 0.0  # tokens/s of the last request's decode phase
         self.queue_depth = 0  # requests waiting for the engine
         self.busy = 0  # requests generating now (0 or 1: one at a time)
+        self.cached_tokens = 0  # prompt tokens served by the prefix cache instead of prefilled
+        self.prefix_cache_bytes = 0  # memory the prefix cache's snapshots hold now
+        self.prefix_cache_entries = 0
 
     def request(self, endpoint: str, status: int) -> None:
         with self._lock:
             self.requests[(endpoint, status)] += 1
             self.errors += status >= 400
 
-    def generation(self, prompt_tokens: int, generated: int, ttft: float | None, decode_rate: float | None) -> None:
+    def generation(self, prompt_tokens: int, generated: int, ttft: float | None, decode_rate: float | None,
+                   cached_tokens: int = 0) -> None:
         with self._lock:
             self.prompt_tokens += prompt_tokens
+            self.cached_tokens += cached_tokens
             self.generated_tokens += generated
             if ttft is not None:
                 self.ttft_sum += ttft
@@ -40,6 +45,9 @@ class Metrics:
             lines += [
                 "# TYPE edge_errors_total counter", f"edge_errors_total {self.errors}",
                 "# TYPE edge_prompt_tokens_total counter", f"edge_prompt_tokens_total {self.prompt_tokens}",
+                "# TYPE edge_prompt_tokens_cached_total counter", f"edge_prompt_tokens_cached_total {self.cached_tokens}",
+                "# TYPE edge_prefix_cache_bytes gauge", f"edge_prefix_cache_bytes {self.prefix_cache_bytes}",
+                "# TYPE edge_prefix_cache_entries gauge", f"edge_prefix_cache_entries {self.prefix_cache_entries}",
                 "# TYPE edge_generated_tokens_total counter", f"edge_generated_tokens_total {self.generated_tokens}",
                 "# TYPE edge_time_to_first_token_seconds summary",
                 f"edge_time_to_first_token_seconds_sum {self.ttft_sum:.6f}",

@@ -98,6 +98,7 @@ class Request:
     include_usage: bool = False  # stream_options.include_usage
     logprobs: bool = False
     top_logprobs: int = 0
+    cache_prompt: bool = True  # llama.cpp's field: false neither reuses nor keeps a cached prefix for this request
 
 
 def parse_chat(body: dict) -> Request:
@@ -141,7 +142,8 @@ def _common(body: dict) -> dict:
     if not isinstance(include_usage, bool):
         raise APIError(400, "stream_options.include_usage must be a boolean", "stream_options.include_usage",
                        code="invalid_type")
-    return {"params": params, "stream": _typed(body, "stream", bool, default=False), "include_usage": include_usage}
+    return {"params": params, "stream": _typed(body, "stream", bool, default=False), "include_usage": include_usage,
+            "cache_prompt": _typed(body, "cache_prompt", bool, default=True)}
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -253,29 +255,29 @@ def new_id(kind: str) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def token_logprobs(records, decode, kind: str):
+def token_logprobs(records, kind: str):
     """OpenAI's logprobs object for these records (chat: a list of entries; completion: parallel lists)."""
     if kind == "chat":
-        return {"content": [_chat_entry(r.token, r.logprob, decode, r.top_logprobs) for r in records]}
-    tokens = [decode(r.token) for r in records]
+        return {"content": [_chat_entry(r) for r in records]}
     offsets, at = [], 0
-    for text in tokens:
+    for r in records:
         offsets.append(at)
-        at += len(text)
-    return {"tokens": tokens, "token_logprobs": [r.logprob for r in records],
-            "top_logprobs": [{decode(t): lp for t, lp in r.top_logprobs} for r in records], "text_offset": offsets}
+        at += len(r.piece)
+    return {"tokens": [r.piece for r in records], "token_logprobs": [r.logprob for r in records],
+            "top_logprobs": [{piece: lp for piece, (_, lp) in zip(r.top_pieces, r.top_logprobs)} for r in records],
+            "text_offset": offsets}
 
 
-def _chat_entry(token: int, logprob: float, decode, top) -> dict:
-    text = decode(token)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")),
-            "top_logprobs": [{"token": decode(t), "logprob": lp, "bytes": list(decode(t).encode("utf-8"))}
-                             for t, lp in top]}
+def _chat_entry(record) -> dict:
+    return {"token": record.piece, "logprob": record.logprob, "bytes": list(record.piece.encode("utf-8")),
+            "top_logprobs": [{"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
+                             for piece, (_, lp) in zip(record.top_pieces, record.top_logprobs)]}
 
 
 def response(kind: str, rid: str, model: str, text: str, finish: str | None, logprobs, use: dict) -> dict:

@@ -1,7 +1,8 @@
 """The local OpenAI-compatible HTTP endpoint: a starlette app that only translates.
 
-request -> protocol.Request -> the engine's stream (in a worker thread, never on the event loop) -> JSON or
-server-sent events. One request generates at a time; up to `max_queue` wait behind it and the rest get 429.
+request -> protocol.Request -> a job on the engine's worker thread (edge/worker.py: never on the event loop) ->
+its records -> JSON or server-sent events. One request generates at a time; up to `max_queue` wait behind it and
+the rest get 429.
 """
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import contextlib
 import hmac
 import json
 import signal
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import uvicorn
@@ -29,11 +32,12 @@ from starlette.routing import Route
 from edge import protocol
 from edge.chat import ChatTemplateError
 from edge.cors import CORS
-from edge.generate import ContextError, ContextLengthError, check_prompt
+from edge.generate import ContextError, ContextLengthError
 from edge.metrics import Metrics
 from edge.notify import notify, watchdog_interval
+from edge.prefix import PrefixCacheFileError
+from edge.worker import DONE, BusyError
 
-DONE = object()
 
 
 @dataclass
@@ -43,65 +47,32 @@ class ServerSettings:
     max_body: int = 1 << 20  # largest request body in bytes
     model_name: str = "edge"  # the id /v1/models reports
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*" for any); none by default
-
-
-class Gate:
-    """One generation at a time, and a bounded line of requests waiting for it."""
-
-    def __init__(self, max_queue: int, metrics: Metrics):
-        self.lock = asyncio.Lock()
-        self.max_queue, self.waiting, self.metrics = max_queue, 0, metrics
-
-    async def enter(self) -> None:
-        if self.lock.locked() and self.waiting >= self.max_queue:
-            raise protocol.APIError(429, f"the server is busy ({self.waiting} requests waiting); retry shortly",
-                                    kind="requests", code="rate_limit_exceeded")
-        self.waiting += 1
-        self.metrics.queue_depth = self.waiting
-        try:
-            await self.lock.acquire()
-        finally:
-            self.waiting -= 1
-            self.metrics.queue_depth = self.waiting
-        self.metrics.busy = 1
-
-    def leave(self) -> None:
-        self.metrics.busy = 0
-        self.lock.release()
+    prefix_cache_file: Path | None = None  # the prefix cache is saved here at shutdown and restored at start
 
 
 class Generation:
-    """One request's run of the engine in a worker thread, handing records to the event loop as they come.
+    """One request's job on the engine's worker (edge/worker.py), its records handed to the event loop as they come.
 
-    Closing it (client gone, shutdown, done) stops the engine at its next token and frees the gate.
+    Closing it (client gone, shutdown, done) stops the job at its next token and waits until the worker is done
+    with it.
     """
 
-    def __init__(self, engine, ids: list[int], params: dict, gate: Gate):
-        self.engine, self.ids, self.params, self.gate = engine, ids, params, gate
-        self.cancel = threading.Event()
+    def __init__(self, engine, ids: list[int], req: protocol.Request, settings: ServerSettings):
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.thread: threading.Thread | None = None
+        loop = asyncio.get_running_loop()
+        # A closed loop (shutdown) raises here, which the job takes as its reader gone: it stops.
+        put = lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item)  # noqa: E731
+        try:  # the worker checks the prompt (it fits, its ids are in the vocabulary) before queuing it
+            self.job = engine.submit(ids, engine.params(**req.params), put, req.cache_prompt, settings.max_queue)
+        except BusyError as e:
+            raise protocol.APIError(429, str(e), kind="requests", code="rate_limit_exceeded") from None
+        except ContextError as e:
+            raise refused_prompt(e, req) from None
         self.closed = False
 
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self._produce, args=(asyncio.get_running_loop(),), daemon=True)
-        self.thread.start()
-
-    def _produce(self, loop: asyncio.AbstractEventLoop) -> None:
-        def put(item):
-            try:
-                loop.call_soon_threadsafe(self.queue.put_nowait, item)
-            except RuntimeError:  # the loop is gone (shutdown): nobody is listening
-                self.cancel.set()
-        try:
-            for record in self.engine.stream(self.ids, **self.params):
-                put(record)
-                if self.cancel.is_set():
-                    break
-        except Exception as e:  # reported to the client, never fatal to the server
-            put(e)
-        finally:
-            put(DONE)
+    @property
+    def cancel(self):
+        return self.job.cancel
 
     async def records(self) -> AsyncIterator:
         while (item := await self.queue.get()) is not DONE:
@@ -113,11 +84,9 @@ class Generation:
         if self.closed:
             return
         self.closed = True
-        self.cancel.set()
-        with anyio.CancelScope(shield=True):  # even when cancelled, wait for the engine before freeing it
-            if self.thread is not None:
-                await anyio.to_thread.run_sync(self.thread.join)
-            self.gate.leave()
+        self.job.cancel.set()
+        with anyio.CancelScope(shield=True):  # even when cancelled, wait for the worker to let go of the job
+            await anyio.to_thread.run_sync(self.job.done.wait)
 
 
 class Tally:
@@ -125,6 +94,7 @@ class Tally:
 
     def __init__(self, prompt_tokens: int):
         self.prompt_tokens, self.tokens, self.started = prompt_tokens, 0, time.perf_counter()
+        self.cached = 0  # prompt tokens the prefix cache served
         self.first: float | None = None
         self.records: list = []
 
@@ -132,25 +102,24 @@ class Tally:
         self.tokens += 1
         self.records.append(record)
         if self.first is None:
-            self.first = time.perf_counter()
+            self.first, self.cached = time.perf_counter(), record.cached_tokens
 
     def report(self, metrics: Metrics) -> None:
         ttft = self.first - self.started if self.first else None
         decode = None
         if self.first and self.tokens > 1:
             decode = (self.tokens - 1) / max(time.perf_counter() - self.first, 1e-9)
-        metrics.generation(self.prompt_tokens, self.tokens, ttft, decode)
+        metrics.generation(self.prompt_tokens, self.tokens, ttft, decode, self.cached)
 
     def usage(self) -> dict:
-        return protocol.usage(self.prompt_tokens, self.tokens)
+        return protocol.usage(self.prompt_tokens, self.tokens, self.cached)
 
 
 class EdgeState:
-    """What the app holds: the engine (once loaded), settings, metrics and the gate."""
+    """What the app holds: the engine (once loaded), settings and metrics."""
 
     def __init__(self, engine_or_loader, settings: ServerSettings):
         self.settings, self.metrics = settings, Metrics()
-        self.gate = Gate(settings.max_queue, self.metrics)
         ready = hasattr(engine_or_loader, "stream")  # an Engine (or a wrapper of one), else a function making one
         self.engine = engine_or_loader if ready else None
         self.loader: Callable | None = None if ready else engine_or_loader
@@ -158,13 +127,36 @@ class EdgeState:
 
     def load(self) -> None:
         try:
-            self.engine = self.loader()
+            engine = self.loader()
+            restore_prefix_cache(engine, self.settings.prefix_cache_file)
+            self.engine = engine
         except Exception as e:  # reported by /health and every request, the server stays up
             self.load_error = f"{type(e).__name__}: {e}"
             # ready all the same: the server is up and /health says why (a restart would not load it either)
             notify(f"READY=1\nSTATUS=the model did not load: {self.load_error}"[:400])
             return
         notify("READY=1\nSTATUS=serving")  # systemd starts dependent units and counts the start as done
+
+
+def restore_prefix_cache(engine, path: Path | None) -> None:
+    """Warm the prefix cache from the file the last shutdown wrote; a file for another bundle is not used."""
+    if path is None or not path.exists():
+        return
+    try:
+        count = engine.load_prefix_cache(path)
+        print(f"edge: prefix cache: {count} prompt(s) restored from {path}", file=sys.stderr)
+    except PrefixCacheFileError as e:
+        print(f"edge: warning: {e}", file=sys.stderr)
+
+
+def save_prefix_cache(engine, path: Path | None) -> None:
+    if path is None or engine is None:
+        return
+    try:
+        count = engine.save_prefix_cache(path)
+        print(f"edge: prefix cache: {count} prompt(s) saved to {path}", file=sys.stderr)
+    except OSError as e:  # a full or read-only disk costs the warm start, nothing else
+        print(f"edge: warning: the prefix cache could not be saved to {path}: {e}", file=sys.stderr)
 
 
 async def pet_watchdog(interval: float) -> None:
@@ -183,6 +175,7 @@ def make_app(engine_or_loader, settings: ServerSettings | None = None) -> Starle
         if state.engine is None:
             threading.Thread(target=state.load, daemon=True).start()  # /health says 503 until it is done
         else:
+            await anyio.to_thread.run_sync(restore_prefix_cache, state.engine, state.settings.prefix_cache_file)
             notify("READY=1\nSTATUS=serving")
         interval = watchdog_interval()
         pets = asyncio.create_task(pet_watchdog(interval)) if interval else None
@@ -190,6 +183,7 @@ def make_app(engine_or_loader, settings: ServerSettings | None = None) -> Starle
         notify("STOPPING=1")
         if pets:
             pets.cancel()
+        await anyio.to_thread.run_sync(save_prefix_cache, state.engine, state.settings.prefix_cache_file)
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -249,6 +243,11 @@ async def health(request: Request) -> Response:
 
 
 async def metrics_text(request: Request, state: EdgeState) -> Response:
+    if state.engine is not None:
+        worker, prefix = state.engine.worker, state.engine.prefix_cache
+        state.metrics.queue_depth, state.metrics.busy = worker.waiting, worker.busy
+        state.metrics.prefix_cache_bytes = prefix.nbytes if prefix else 0
+        state.metrics.prefix_cache_entries = len(prefix.entries) if prefix else 0
     return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
@@ -286,9 +285,7 @@ def completions(kind: str):
             engine.params(**req.params)
         except ValueError as e:
             raise protocol.APIError(400, str(e), code="invalid_value") from None
-        await state.gate.enter()
-        generation = Generation(engine, ids, req.params, state.gate)
-        generation.start()
+        generation = Generation(engine, ids, req, state.settings)
         if req.stream:
             return EventStream(sse(generation, req, engine, state, Tally(len(ids))), generation)
         return await collect(generation, req, engine, state, Tally(len(ids)), request)
@@ -296,18 +293,19 @@ def completions(kind: str):
 
 
 def encode(engine, req: protocol.Request) -> list[int]:
-    """Token ids of the request, checked as generation checks them (in a worker thread: templates and tokenizers)."""
-    field = "messages" if req.messages else "prompt"
+    """Token ids of the request (in a worker thread: templates and tokenizers)."""
     try:
-        ids = engine.encode(req.prompt, req.messages)
-        check_prompt(engine.model, ids)
+        return engine.encode(req.prompt, req.messages)
     except ChatTemplateError as e:
         raise protocol.APIError(400, str(e), "messages", code="invalid_value") from None
-    except ContextLengthError as e:
-        raise protocol.APIError(400, str(e), field, code="context_length_exceeded") from None
     except ContextError as e:
-        raise protocol.APIError(400, str(e), field, code="invalid_value") from None
-    return ids
+        raise refused_prompt(e, req) from None
+
+
+def refused_prompt(e: ContextError, req: protocol.Request) -> protocol.APIError:
+    field = "messages" if req.messages else "prompt"
+    code = "context_length_exceeded" if isinstance(e, ContextLengthError) else "invalid_value"
+    return protocol.APIError(400, str(e), field, code=code)
 
 
 async def collect(generation: Generation, req, engine, state: EdgeState, tally: Tally, request: Request) -> Response:
@@ -320,7 +318,7 @@ async def collect(generation: Generation, req, engine, state: EdgeState, tally: 
         await generation.close()
         tally.report(state.metrics)
     records = tally.records
-    logprobs = protocol.token_logprobs(records, engine.tokenizer.decode_one, req.kind) if req.logprobs else None
+    logprobs = protocol.token_logprobs(records, req.kind) if req.logprobs else None
     finish = records[-1].finish_reason if records else "length"
     return JSONResponse(protocol.response(req.kind, protocol.new_id(req.kind), state.settings.model_name,
                                           "".join(r.text for r in records), finish, logprobs, tally.usage()))
@@ -337,14 +335,13 @@ async def stop_when_gone(request: Request, generation: Generation) -> None:
 
 async def sse(generation: Generation, req, engine, state: EdgeState, tally: Tally) -> AsyncIterator[str]:
     rid, model, kind = protocol.new_id(req.kind), state.settings.model_name, req.kind
-    decode = engine.tokenizer.decode_one
     try:
         if kind == "chat":
             yield event(protocol.chunk(kind, rid, model, None, None, role=True))
         finish = "length"
         async for record in generation.records():
             tally.add(record)
-            logprobs = protocol.token_logprobs([record], decode, kind) if req.logprobs else None
+            logprobs = protocol.token_logprobs([record], kind) if req.logprobs else None
             if record.text or logprobs:
                 yield event(protocol.chunk(kind, rid, model, record.text, None, logprobs))
             finish = record.finish_reason or finish

@@ -14,7 +14,7 @@ import onnx
 from onnx import helper
 
 from edge import fidelity
-from edge.export.validate import new_cache
+from edge.decoder import OptimumDecoder
 
 TEXT = (Path(__file__).parent / "calibration_text.txt").read_text(encoding="utf-8")
 
@@ -45,7 +45,8 @@ def gram_matrices(model: onnx.ModelProto, ids: list[int], spec: dict, shape: dic
         session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
         for window in fidelity.windows(ids, shape["context_length"]):
             tokens = np.array(window, np.int64)
-            feeds = new_cache(session, {**spec, "kv": "growing"}, shape, len(tokens)).feeds(tokens)  # an empty past
+            decoder = OptimumDecoder(session, spec, shape, len(tokens))  # the probe's feeds: every input, an empty past
+            feeds = decoder.feeds(tokens, decoder.new_state())
             for name, value in zip(names, session.run(names, feeds)):
                 x = value.reshape(-1, value.shape[-1]).astype(np.float64)
                 sums[name] = sums.get(name, 0) + x.T @ x

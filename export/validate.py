@@ -7,27 +7,17 @@ from pathlib import Path
 import numpy as np
 
 from edge import fidelity
-from edge.cache import KVCache, SharedKVCache
+from edge.decoder import for_session
 
 PROMPT = "The capital of France is Paris. The capital of Italy is"
 EVAL_TEXT = (Path(__file__).parent / "eval_text.txt").read_text(encoding="utf-8")
 GREEDY_TOKENS = 16
 
 
-def new_cache(session, spec: dict, shape: dict, capacity: int):
-    """The runtime's own KV cache for the graph kind (edge/cache.py: onnxruntime and numpy only), so that the
-    exporter scores a graph exactly as the runtime will run it, the fast graph without copying its past."""
-    layers, heads, dim = shape["num_layers"], shape["num_kv_heads"], shape["head_dim"]
-    if spec["kv"] == "shared-buffer":
-        return SharedKVCache(session, spec, layers, heads, dim, capacity, shape["vocab_size"])
-    return KVCache(spec, layers, heads, dim)
-
-
 def rows(session, spec: dict, shape: dict, ids: list[int], split: int):
-    """edge.fidelity.scored_rows through a session on the raw graph."""
-    cache = new_cache(session, spec, shape, len(ids))
-    yield from fidelity.scored_rows(lambda tokens: cache.run(session, tokens), ids, spec["logits_positions"] == "last",
-                                    split)
+    """edge.fidelity.scored_rows through the runtime's own adapter for the graph kind (edge/decoder.py:
+    onnxruntime and numpy only), so that the exporter scores a graph exactly as the runtime will run it."""
+    yield from for_session(session, spec, shape, len(ids)).scored_rows(ids, split)
 
 
 def run_onnx(session, spec: dict, shape: dict, ids: list[int], split: int) -> np.ndarray:

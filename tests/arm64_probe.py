@@ -34,11 +34,11 @@ def probe(job: dict, out: Path, threads: int) -> dict:
     greedy = [r.token for r in engine.stream(**prompt, temperature=0, max_tokens=job["greedy"])]
     generated = time.perf_counter()
     ids = engine.encode(job["text"])
-    logits = engine.model.score(ids[:job["score_tokens"] + 1] if job.get("score_tokens") else ids)
+    logits = engine.decoder.score(ids[:job["score_tokens"] + 1] if job.get("score_tokens") else ids)
     scored = time.perf_counter()
     np.save(out / f"{job['name']}.npy", logits.astype(np.float32))
     quant = engine.bundle.manifest["quantization"]
-    path = kernel_path(read_device(), quant["method"], quant.get("accuracy_level", 0), engine.model.providers[0])
+    path = kernel_path(read_device(), quant["method"], quant.get("accuracy_level", 0), engine.decoder.providers[0])
     return {"name": job["name"], "machine": platform.machine(), "profile": engine.profile.name, "greedy": greedy,
             "greedy_text": engine.tokenizer.decode(greedy), "kernels": describe(path), "compute": path.compute,
             "load_s": loaded - started, "greedy_s": generated - loaded, "score_s": scored - generated,

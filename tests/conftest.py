@@ -48,17 +48,18 @@ class Exports:
         subprocess.run([sys.executable, str(tool), str(out)], check=True, capture_output=True)
         return out
 
-    def bundle(self, name: str, quant: str = "fp32", accuracy_level: int = 4) -> Path:
+    def bundle(self, name: str, quant: str = "fp32", accuracy_level: int = 4, graph: str = "auto") -> Path:
         """accuracy_level: the presets' MatMulNBits compute; 4 (int8 activations where the CPU has them) is the
         default of every export, 0 (fp32 compute) is what tests that restate the arithmetic exactly need."""
         from edge.export.pipeline import export
 
         level = accuracy_level if quant not in ("fp32", "fp16") else 4
-        key = ("bundle", name, quant, level)
+        key = ("bundle", name, quant, level, graph)
         if key not in self.done:
-            out = self.root / "bundles" / (f"{name}-{quant}" + ("" if level == 4 else f"-level{level}"))
+            out = self.root / "bundles" / (f"{name}-{quant}" + ("" if level == 4 else f"-level{level}")
+                                           + ("" if graph == "auto" else f"-{graph}"))
             # The real SmolLM2's check scores a prefix of the held-out text: its fast graph scores a token at a time
-            export(str(self.checkpoint(name)), str(out), quant=quant, accuracy_level=level,
+            export(str(self.checkpoint(name)), str(out), quant=quant, accuracy_level=level, graph=graph,
                    held_out_tokens=512 if name == "smollm2-135m" else None)
             self.done[key] = out
         return self.done[key]
@@ -96,11 +97,11 @@ def runtime_wheel(tmp_path_factory) -> Path:
 def greedy_by_hand(engine, prompt: list[int], n: int) -> list[int]:
     """Up to n greedy tokens taken straight from the model's logits, one forward pass per token, stopping after an
     eos id: what a greedy stream of the engine must yield."""
-    cache = engine.model.new_cache()
-    logits, tokens = engine.model.forward(cache, np.array(prompt))[-1], []
+    cache = engine.decoder.new_state()
+    logits, tokens = engine.decoder.forward(np.array(prompt), cache)[-1], []
     while len(tokens) < n and (not tokens or tokens[-1] not in engine.eos_ids):
         tokens.append(int(np.argmax(logits)))
-        logits = engine.model.forward(cache, np.array([tokens[-1]]))[-1]
+        logits = engine.decoder.forward(np.array([tokens[-1]]), cache)[-1]
     return tokens
 
 

@@ -89,7 +89,7 @@ def test_unknown_profile_name():
 @pytest.mark.parametrize("name", profile_names())
 def test_every_profile_builds_a_session_here(name, capsys):
     engine = edge.load("demo", profile=name)
-    assert engine.model.providers == ["CPUExecutionProvider"]
+    assert engine.decoder.providers == ["CPUExecutionProvider"]
     assert engine.generate("Once upon a time", max_tokens=8)
     absent = [p for p in engine.profile.provider_names if p != "CPUExecutionProvider"]
     edge.load("demo", profile=name)  # a second load: the warning is not repeated

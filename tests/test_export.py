@@ -45,10 +45,10 @@ def test_fp32_bundle_matches_transformers(exports, name):
     want_tokens, want_logits = reference(checkpoint, prompt)
 
     # Step by step through the runtime's KV cache: prefill, then one token at a time.
-    cache = engine.model.new_cache()
-    got = [engine.model.forward(cache, np.array(prompt))[-1]]
+    cache = engine.decoder.new_state()
+    got = [engine.decoder.forward(np.array(prompt), cache)[-1]]
     for token in want_tokens[:-1]:
-        got.append(engine.model.forward(cache, np.array([token]))[-1])
+        got.append(engine.decoder.forward(np.array([token]), cache)[-1])
     errors = np.abs(np.stack(got) - want_logits).max(axis=-1)
     assert errors.max() < 1e-3, f"max |logit error| per step: {errors}"
 
@@ -102,8 +102,8 @@ def test_quantized_bundles_of_other_families(exports, name, quant):
     assert figures["perplexity_ratio"] == pytest.approx(figures["perplexity"] / figures["perplexity_reference"])
     assert figures["text_tokens"] >= 2000 and 0 <= figures["top1_agreement"] <= 1 and figures["mean_kl"] >= 0
     prompt = engine.encode(PROMPT)
-    got = engine.model.forward(engine.model.new_cache(), np.array(prompt))[-1]
-    unquantized = fp32.model.forward(fp32.model.new_cache(), np.array(prompt))[-1]
+    got = engine.decoder.forward(np.array(prompt), engine.decoder.new_state())[-1]
+    unquantized = fp32.decoder.forward(np.array(prompt), fp32.decoder.new_state())[-1]
     if quant == "fp16":
         assert rel_rms(got, unquantized) < FP16_TOLERANCE
     else:

@@ -6,6 +6,8 @@ import pytest
 
 import edge
 from edge import generate as gen
+from edge.cache import KVState
+from edge.decoder import Decoder
 from edge.sampling import log_softmax
 
 PROMPT = "Once upon a time"
@@ -37,7 +39,7 @@ def test_streamed_text_equals_generate_and_full_decode(engine, greedy):
 
 def test_logprobs_are_log_softmax_of_raw_logits(engine, greedy):
     prompt = engine.encode(PROMPT)
-    logits = engine.model.forward(engine.model.new_cache(), np.array(prompt + [r.token for r in greedy[:-1]]))
+    logits = engine.decoder.forward(np.array(prompt + [r.token for r in greedy[:-1]]), engine.decoder.new_state())
     want = log_softmax(logits[len(prompt) - 1:])[np.arange(len(greedy)), [r.token for r in greedy]]
     assert np.allclose([r.logprob for r in greedy], want, atol=1e-4)
     assert all(r.logprob <= 0 for r in greedy)
@@ -62,7 +64,7 @@ def test_eos_stops_generation(engine, greedy):
     prompt = engine.encode(PROMPT)
     eos = greedy[10].token
     first = next(i for i, r in enumerate(greedy) if r.token == eos)
-    records = list(gen.stream(engine.model, engine.tokenizer, prompt, engine.params(temperature=0, max_tokens=60), {eos}))
+    records = list(gen.stream(engine.decoder, engine.tokenizer, prompt, engine.params(temperature=0, max_tokens=60), {eos}))
     assert len(records) == first + 1 and records[-1].finish_reason == "stop" and records[-1].token == eos
     assert "".join(r.text for r in records) == engine.tokenizer.decode(prompt + [r.token for r in greedy[:first]])[
         len(engine.tokenizer.decode(prompt)):]
@@ -117,21 +119,22 @@ def test_stop_matcher(chunks, stops, want, stopped):
     assert (out, hit) == (want, stopped)
 
 
-class ScriptedModel:
-    """Stands in for the ONNX model: its logits pick a fixed script of tokens, one per step."""
+class ScriptedDecoder(Decoder):
+    """Stands in for the ONNX graph: its logits pick a fixed script of tokens, one per step."""
 
     context_length = 4096
     shape = {"vocab_size": 151669}
+    every_position = True
 
     def __init__(self, script):
         self.script = script
 
-    def new_cache(self):
-        return {"offset": 0}
+    def new_state(self):
+        return KVState(num_layers=1, num_kv_heads=1, head_dim=1)  # tokens only: there are no keys to keep
 
-    def forward(self, cache, tokens):
-        start = cache["offset"]
-        cache["offset"] += len(tokens)
+    def forward(self, tokens, state):
+        start = state.offset
+        state.append(tokens)
         logits = np.zeros((len(tokens), self.shape["vocab_size"]), dtype=np.float32)
         for row, position in enumerate(range(start, start + len(tokens))):
             logits[row, self.script[min(position - self.prompt_len + 1, len(self.script) - 1)]] = 10.0
@@ -148,7 +151,7 @@ def test_stream_equals_generate_with_emoji_and_cjk(text):
     prompt, script = tokenizer.encode("Say:"), tokenizer.encode(" " + text)
     partial = any(tokenizer.decode([t]).endswith("\ufffd") for t in script)
     assert partial or "🦙" not in text  # the emoji case does split characters across tokens
-    model = ScriptedModel(script)
+    model = ScriptedDecoder(script)
     model.prompt_len = len(prompt)
     params = gen.GenerationParams(temperature=0, max_tokens=len(script))
     records = list(gen.stream(model, tokenizer, prompt, params))
@@ -159,4 +162,15 @@ def test_stream_equals_generate_with_emoji_and_cjk(text):
 
 def test_token_ids_outside_the_vocabulary_are_refused_at_the_call(engine):
     with pytest.raises(edge.ContextError, match="outside the vocabulary"):
-        engine.stream([1, engine.model.shape["vocab_size"]])  # raised before any record is asked for
+        engine.stream([1, engine.decoder.shape["vocab_size"]])  # raised before any record is asked for
+
+
+def test_a_stream_dropped_unread_stops_its_generation(engine):
+    import gc
+
+    records = engine.stream(PROMPT, temperature=0, max_tokens=200)
+    job = records.job
+    del records
+    gc.collect()
+    assert job.cancel.is_set() and job.done.wait(10)  # the worker let go of it, long before 200 tokens
+    assert len(list(engine.stream(PROMPT, temperature=0, max_tokens=3))) == 3

@@ -1,6 +1,8 @@
 """The fast graph: fused onnxruntime ops, KV buffers shared between past and present, no copy per step."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -30,23 +32,25 @@ def test_the_graph_uses_fused_ops_and_returns_the_last_position(exports):
 
 def test_kv_buffers_are_shared_and_never_copied(exports):
     engine = edge.load(exports.bundle("qwen3"), context_length=64)
-    cache = engine.model.new_cache()
-    addresses = [[buffer.data_ptr() for buffer in pair] for pair in cache.buffers]
-    assert all(buffer.shape() == [1, 2, 64, 32] for pair in cache.buffers for buffer in pair)  # sized to the context
-    logits = engine.model.forward(cache, np.array(engine.encode("Hello there, how are you?")))
+    state = engine.decoder.new_state()
+    buffers = state.keys + state.values
+    addresses = [buffer.ctypes.data for buffer in buffers]
+    assert all(buffer.shape == (1, 2, 64, 32) for buffer in buffers)  # sized to the context
+    logits = engine.decoder.forward(np.array(engine.encode("Hello there, how are you?")), state)
     for _ in range(10):
-        logits = engine.model.forward(cache, np.array([int(np.argmax(logits[-1]))]))
-        assert [[buffer.data_ptr() for buffer in pair] for pair in cache.buffers] == addresses
-    bound = [value.data_ptr() for value in cache.binding.get_outputs()]
-    assert set(bound) >= {ptr for pair in addresses for ptr in pair}  # present outputs are the past buffers
+        logits = engine.decoder.forward(np.array([int(np.argmax(logits[-1]))]), state)
+        assert [buffer.ctypes.data for buffer in state.keys + state.values] == addresses
+    binding, _ = state.bound
+    bound = [value.data_ptr() for value in binding.get_outputs()]
+    assert set(bound) >= set(addresses)  # present outputs are the past buffers
 
 
 def test_a_full_cache_is_refused(exports):
     engine = edge.load(exports.bundle("qwen3"), context_length=32)
-    cache = engine.model.new_cache()
-    engine.model.forward(cache, np.arange(30))
+    cache = engine.decoder.new_state()
+    engine.decoder.forward(np.arange(30), cache)
     with pytest.raises(ValueError, match="holds 32 tokens"):
-        engine.model.forward(cache, np.arange(3))
+        engine.decoder.forward(np.arange(3), cache)
 
 
 @pytest.mark.parametrize("profile", [None, "raspberry-pi-4"])
@@ -70,9 +74,10 @@ def test_every_int4_export_asks_for_int8_activations(exports, tmp_path, profile)
 
 
 def test_the_optimum_graph_stays_available(exports, tmp_path):
-    manifest = export(str(exports.checkpoint("qwen3")), str(tmp_path / "slow"), quant="fp32", graph="optimum")
+    slow_bundle = exports.bundle("qwen3", graph="optimum")
+    manifest = json.loads((slow_bundle / "manifest.json").read_text())
     assert manifest["onnx"]["graph"] == "optimum" and manifest["onnx"]["kv"] == "growing"
-    slow, fast = edge.load(tmp_path / "slow"), edge.load(exports.bundle("qwen3"))
+    slow, fast = edge.load(slow_bundle), edge.load(exports.bundle("qwen3"))
     args = dict(temperature=0, max_tokens=12)
     assert [r.token for r in slow.stream("Hello", **args)] == [r.token for r in fast.stream("Hello", **args)]
     with pytest.raises(ExportError, match="multiple of 16, not 8"):  # stories260K's heads are 8 wide
@@ -86,7 +91,7 @@ def test_phi3_runs_on_the_fast_graph_with_its_window_and_longrope(exports):
     assert windows == {8}  # the checkpoint's sliding_window
     # longrope is one fixed table only up to original_max_position_embeddings: the bundle's context stops there
     engine = edge.load(exports.bundle("phi3-longrope"))
-    assert engine.bundle.manifest["onnx"]["graph"] == "fast" and engine.model.context_length == 64
+    assert engine.bundle.manifest["onnx"]["graph"] == "fast" and engine.decoder.context_length == 64
 
 
 @pytest.mark.parametrize("name, softcap, tables", [("gemma2", 50.0, 1), ("gemma3", 0.0, 2)])

@@ -37,7 +37,7 @@ def test_greedy_200_tokens_equal_transformers(fp32):
 
 
 def test_long_prompt_prefills_in_chunks_like_one_pass(fp32):
-    from edge.generate import PREFILL_CHUNK
+    from edge.decoder import PREFILL_CHUNK
 
     tokenizer = AutoTokenizer.from_pretrained(shared(STORIES))
     model = AutoModelForCausalLM.from_pretrained(shared(STORIES), torch_dtype=torch.float32).eval()

@@ -71,19 +71,20 @@ def in_process(app):
 
 
 class SlowEngine:
-    """The real engine, slowed by a fixed delay per token, counting the tokens it produced."""
+    """The real engine, its decoder slowed by a fixed delay per forward pass (one per token), counting them."""
 
     def __init__(self, engine, delay: float):
         self.engine, self.delay, self.produced = engine, delay, 0
+        forward = engine.decoder.forward
+
+        def slow(ids, state):
+            time.sleep(self.delay)
+            self.produced += 1
+            return forward(ids, state)
+        engine.decoder.forward = slow
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
-
-    def stream(self, *args, **kwargs):
-        for record in self.engine.stream(*args, **kwargs):
-            time.sleep(self.delay)
-            self.produced += 1
-            yield record
 
 
 @pytest.fixture(scope="module")
@@ -363,9 +364,10 @@ def test_client_disconnect_stops_generation_within_two_tokens():
                 if received == 5:
                     break  # hang up mid-stream
         deadline = time.monotonic() + 10
-        while app.state.edge.gate.lock.locked() and time.monotonic() < deadline:
+        worker = engine.worker
+        while (worker.busy or worker.waiting) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not app.state.edge.gate.lock.locked(), "the engine was not freed"
+        assert not (worker.busy or worker.waiting), "the engine was not freed"
         produced = engine.produced
         assert received <= produced <= received + 2, (received, produced)
         # and the engine serves the next client
@@ -496,3 +498,57 @@ def test_key_from_a_file_and_sigterm_during_a_stream(tmp_path):
                     pass
         assert process.wait(timeout=10) == 0
         assert time.monotonic() - started < 5 + 2
+
+
+BAKERY = [{"role": "system", "content": "You are the assistant of a bakery in a small town. It opens at seven in the "
+           "morning and closes at six in the evening, every day but Monday. It sells bread, croissants, apple pie and a "
+           "cheese cake. Answer customers in one short sentence and never make up prices."}]
+
+
+def ask(base: str, question: str, history=(), **extra):
+    messages = BAKERY + list(history) + [{"role": "user", "content": question}]
+    return client(base).chat.completions.create(model="x", messages=messages, max_tokens=24, temperature=0,
+                                                extra_body=extra or None)
+
+
+def test_usage_and_metrics_report_cached_tokens(exports):
+    engine = edge.load(exports.bundle("smollm2-135m", "int4"), prefix_cache_mb=32)
+    with in_process(make_app(engine)) as base:
+        first = ask(base, "When do you open?")
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        second = ask(base, "Do you sell bread?")  # the same system prompt: served from the cache
+        system_tokens = len(engine.encode(messages=BAKERY + [{"role": "user", "content": ""}])) - 6
+        assert second.usage.prompt_tokens_details.cached_tokens >= system_tokens
+        cold = ask(base, "Do you sell bread?", cache_prompt=False)
+        assert cold.usage.prompt_tokens_details.cached_tokens == 0
+        assert cold.choices[0].message.content == second.choices[0].message.content
+        # A client re-sending the history: the whole last exchange re-tokenizes as it was generated.
+        history = [{"role": "user", "content": "Do you sell bread?"},
+                   {"role": "assistant", "content": second.choices[0].message.content}]
+        third = ask(base, "And on Sunday?", history)
+        assert third.usage.prompt_tokens_details.cached_tokens >= second.usage.prompt_tokens
+        with pytest.raises(openai.BadRequestError, match="cache_prompt must be a bool"):
+            ask(base, "Hi", cache_prompt="no")
+        metrics = httpx.get(f"{base}/metrics").text
+    cached = int(re.search(r"^edge_prompt_tokens_cached_total (\d+)$", metrics, re.M).group(1))
+    assert cached == (second.usage.prompt_tokens_details.cached_tokens
+                      + third.usage.prompt_tokens_details.cached_tokens)
+    assert int(re.search(r"^edge_prefix_cache_entries (\d+)$", metrics, re.M).group(1)) >= 1
+
+
+def test_the_prefix_cache_file_makes_the_first_request_after_a_restart_warm(exports, tmp_path):
+    bundle, path = str(exports.bundle("smollm2-135m", "int4")), tmp_path / "prefix.npz"
+    with edge_serve(bundle, "--prefix-cache-file", str(path)) as (process, base):
+        want = ask(base, "When do you open?").choices[0].message.content
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0].decode()
+    assert process.returncode == 0 and path.exists() and "saved to" in output
+    with edge_serve(bundle, "--prefix-cache-file", str(path)) as (process, base):
+        warm = ask(base, "When do you open?")
+    assert warm.usage.prompt_tokens_details.cached_tokens == warm.usage.prompt_tokens - 1
+    assert warm.choices[0].message.content == want
+    with edge_serve("demo", "--prefix-cache-file", str(path)) as (process, base):  # another bundle: not used
+        reply = client(base).completions.create(model="x", prompt="Once", max_tokens=2)
+        process.kill()
+        output = process.communicate(timeout=30)[0].decode()
+    assert reply.usage.prompt_tokens_details.cached_tokens == 0 and "written for another bundle" in output
