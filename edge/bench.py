@@ -77,6 +77,56 @@ def user(content: str) -> dict:
     return {"role": "user", "content": content}
 
 
+def speculation(bundle: str, cases_file: str, runs: int, threads: int = 0, profile: str = "auto",
+                max_tokens: int = 128) -> dict:
+    """Greedy decode speed of each prompt of the file's sets with speculative decoding and without, alternated
+    in one process, timed through the records (from the first token to the last): per set, the median over
+    prompts of each prompt's median ratio, the lowest prompt's, the acceptance and whether the texts matched."""
+    import edge
+    from edge.devices import resolve
+
+    cases = json.loads(Path(cases_file).read_text(encoding="utf-8"))
+    chosen = resolve(profile).profile
+    engine = edge.load(bundle, profile=chosen.with_threads(threads) if threads else chosen, prefix_cache_mb=0)
+    results = {}
+    for name in ("grounded", "open_ended"):
+        ratios, same, drafted, accepted, speeds = [], 0, 0, 0, {"plain": [], "speculative": []}
+        for prompt in cases[name]:
+            rates: dict[bool, list[float]] = {False: [], True: []}
+            identical = True
+            for _ in range(runs):
+                texts = []
+                for speculate in (False, True):
+                    records = list(engine.stream(messages=[user(prompt)], temperature=0, max_tokens=max_tokens,
+                                                 speculate=speculate))
+                    rates[speculate].append((len(records) - 1) / max(records[-1].seconds - records[0].seconds, 1e-9))
+                    texts.append("".join(r.text for r in records))
+                identical &= texts[0] == texts[1]
+                drafted += sum(r.drafted for r in records)
+                accepted += sum(r.step_tokens - 1 for r in records if r.drafted)
+            same += identical
+            plain, fast = statistics.median(rates[False]), statistics.median(rates[True])
+            speeds["plain"].append(plain)
+            speeds["speculative"].append(fast)
+            ratios.append(fast / plain)
+        results[name] = {"median_ratio": statistics.median(ratios), "lowest_ratio": min(ratios),
+                         "plain_tok_s": statistics.median(speeds["plain"]),
+                         "speculative_tok_s": statistics.median(speeds["speculative"]),
+                         "acceptance": accepted / max(drafted, 1), "same_text": same, "prompts": len(ratios),
+                         "min_ratio_prompt": ratios.index(min(ratios)),
+                         "runs": runs}
+    return results
+
+
+def speculation_table(results: dict) -> str:
+    rows = ["| set | prompts | decode plain | decode speculative | median ratio | lowest prompt | accepted drafts | "
+            "same greedy text |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows += [f"| {name} | {r['prompts']} | {r['plain_tok_s']:.1f} tok/s | {r['speculative_tok_s']:.1f} tok/s | "
+             f"x{r['median_ratio']:.2f} | x{r['lowest_ratio']:.2f} | {100 * r['acceptance']:.0f}% | "
+             f"{r['same_text']} of {r['prompts']} |" for name, r in results.items()]
+    return "\n".join(rows)
+
+
 def _prefix_figures(times: dict[str, list]) -> dict:
     """Median time to first token warm and cold, their ratio, and the prompt and cached token counts."""
     warm, cold = (statistics.median(s for s, _ in times[k]) for k in ("warm", "cold"))

@@ -153,6 +153,9 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--prefix-cache-set", metavar="FILE",
                        help="instead: time to first token through edge serve with and without the prefix cache, for "
                             "the system prompt and conversation in FILE (benchmarks/prefix_cache.json in a checkout)")
+    bench.add_argument("--speculate-set", metavar="FILE",
+                       help="instead: greedy decode speed with speculative decoding and without, for the grounded and "
+                            "open-ended prompts in FILE (benchmarks/speculate.json in a checkout; --new-tokens each)")
     bench.set_defaults(func=cmd_bench)
 
     devices = sub.add_parser("devices", help="list the device profiles, or show one")
@@ -210,6 +213,9 @@ def _add_bundle(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, help="context length to plan for (default: the profile's, capped by the model)")
     p.add_argument("--threads", type=int, help="onnxruntime's intra-op threads (default: the profile's)")
     _add_prefix_cache(p)
+    p.add_argument("--speculate", choices=("on", "off"),
+                   help="draft the next tokens from the prompt and verify several per pass: faster where answers "
+                        "copy their input, the same output either way (default: off)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="say on stderr which profile, providers and int4 kernels run, and how fast it went")
 
@@ -258,7 +264,8 @@ def _load(args):
     if getattr(args, "threads", None):
         profile = _profile(profile).with_threads(args.threads)
     engine = edge.load(args.bundle, profile=profile, context_length=args.context,
-                       prefix_cache_mb=getattr(args, "prefix_cache", None))
+                       prefix_cache_mb=getattr(args, "prefix_cache", None),
+                       speculate=None if getattr(args, "speculate", None) is None else args.speculate == "on")
     if getattr(args, "verbose", False):
         _describe_engine(engine, time.perf_counter() - started)
     return engine
@@ -426,6 +433,13 @@ def cmd_bench(args) -> int:
     from edge.bench import alternate, edge_runner, table
     from edge.engine import resolve
 
+    if args.speculate_set:
+        from edge.bench import speculation, speculation_table
+
+        results = speculation(str(resolve(args.bundle)), args.speculate_set, args.runs, args.threads, args.profile,
+                              args.new_tokens)
+        print(json.dumps(results, indent=2) if args.json else speculation_table(results))
+        return 0
     if args.prefix_cache_set:
         from edge.bench import prefix_cache, prefix_table
 

@@ -4,7 +4,8 @@ Knowledge of the graph kinds (named by the manifest's `onnx.kv`) lives here and 
 - FastDecoder ("shared-buffer", our fused graph): fixed KV buffers sized to the context, bound as both past and
   present with onnxruntime's IO binding; GroupQueryAttention writes the new keys in place, so no step copies or
   reallocates the cache, and continues from any offset it is given (a trimmed or restored prefix). It returns the
-  logits of the last position of each chunk only.
+  logits of the last `logits_to_keep` positions (1 for a step or a prefill chunk; more to verify a draft; bundles
+  before that input always return the last one).
 - OptimumDecoder ("growing", optimum's graph): takes the whole past and returns past + new as `present`; returns
   logits for every position.
 Each owns its session and says what it needs in memory (edge/memory.py asks).
@@ -35,15 +36,21 @@ class Decoder:
         self.providers = session.get_providers()  # what the session really uses, not what was asked
         inputs = spec["inputs"]
         self.ids_name, self.mask_name = inputs["input_ids"], inputs["attention_mask"]
+        self.keep_name = inputs.get("logits_to_keep")  # None: optimum's graph, or a fast one from before speculation
         layers = range(shape["num_layers"])  # names built once, not per step
         self.past_names = [(spec["past_key"].format(layer=i), spec["past_value"].format(layer=i)) for i in layers]
         self.present_names = [(spec["present_key"].format(layer=i), spec["present_value"].format(layer=i))
                               for i in layers]
 
-    def forward(self, ids: Sequence[int] | np.ndarray, state: KVState) -> np.ndarray:
-        """Logits after the ids, which are appended to the state: [1, vocab] for the last position, or
-        [len(ids), vocab] where every_position."""
+    def forward(self, ids: Sequence[int] | np.ndarray, state: KVState, keep: int = 1) -> np.ndarray:
+        """Logits after the ids, which are appended to the state: [keep, vocab] for the last `keep` positions (at
+        least; [len(ids), vocab] where every_position)."""
         raise NotImplementedError
+
+    @property
+    def verifies(self) -> bool:
+        """Whether forward can return the logits of several positions (speculative decoding needs them)."""
+        return self.every_position
 
     def new_state(self) -> KVState:
         raise NotImplementedError
@@ -87,24 +94,44 @@ class FastDecoder(Decoder):
     def __init__(self, session, spec, shape, context_length):
         super().__init__(session, spec, shape, context_length)
         self.mask = np.ones((1, context_length), dtype=np.int64)  # views of it are the attention masks
+        self.keeps = {}  # logits_to_keep -> (its input array, a logits buffer of that many rows)
+
+    @property
+    def verifies(self) -> bool:
+        return self.keep_name is not None
 
     def new_state(self) -> KVState:
         return self._state(self.context_length)
 
-    def forward(self, ids, state: KVState) -> np.ndarray:
+    def forward(self, ids, state: KVState, keep: int = 1) -> np.ndarray:
         tokens = np.asarray(ids, dtype=np.int64)
         n = len(tokens)
+        if not 1 <= keep <= n or (keep > 1 and not self.verifies):
+            raise ValueError(f"cannot return the logits of {keep} of {n} positions from this graph")
         state.room(n)
-        binding, logits = state.bound or self._bind(state)
+        binding, kept = state.bound or self._bind(state)
+        if keep != kept:  # a verification pass, or the step after one: other rows, another buffer
+            self._bind_logits(binding, keep)
+            state.bound = (binding, keep)
         binding.bind_cpu_input(self.ids_name, tokens.reshape(1, n))
         binding.bind_cpu_input(self.mask_name, self.mask[:, : state.offset + n])
         self.session.run_with_iobinding(binding)
         state.append(tokens)
-        return logits[0].copy()  # the bound buffer is overwritten by the next step
+        return self.keeps[keep][1][0].copy()  # the bound buffer is overwritten by the next step
+
+    def _bind_logits(self, binding, keep: int) -> None:
+        """Bind a logits buffer of `keep` rows read without a round trip (made once per row count), and the input
+        that asks the graph for that many."""
+        if keep not in self.keeps:
+            self.keeps[keep] = (np.array([keep], np.int64), np.zeros((1, keep, self.shape["vocab_size"]), np.float32))
+        count, logits = self.keeps[keep]
+        binding.bind_ortvalue_output(self.spec["logits"], ort.OrtValue.ortvalue_from_numpy(logits))
+        if self.keep_name:
+            binding.bind_ortvalue_input(self.keep_name, ort.OrtValue.ortvalue_from_numpy(count))
 
     def _bind(self, state: KVState):
         """The state's buffers bound once as past and present alike (an OrtValue made from a numpy array shares its
-        memory on the CPU), and a bound logits buffer read without a round trip."""
+        memory on the CPU), and the one-row logits buffer."""
         binding = self.session.io_binding()
         for (past_k, past_v), (present_k, present_v), k, v in zip(self.past_names, self.present_names,
                                                                  state.keys, state.values):
@@ -112,9 +139,8 @@ class FastDecoder(Decoder):
                 value = ort.OrtValue.ortvalue_from_numpy(array)
                 binding.bind_ortvalue_input(past, value)
                 binding.bind_ortvalue_output(present, value)
-        logits = np.zeros((1, 1, self.shape["vocab_size"]), np.float32)
-        binding.bind_ortvalue_output(self.spec["logits"], ort.OrtValue.ortvalue_from_numpy(logits))
-        state.bound = (binding, logits)
+        self._bind_logits(binding, 1)
+        state.bound = (binding, 1)
         return state.bound
 
 class OptimumDecoder(Decoder):
@@ -134,11 +160,13 @@ class OptimumDecoder(Decoder):
         feeds = {self.ids_name: tokens.reshape(1, n), self.mask_name: np.ones((1, offset + n), dtype=np.int64)}
         if self.positions_name:
             feeds[self.positions_name] = np.arange(offset, offset + n, dtype=np.int64).reshape(1, n)
+        if self.keep_name:  # the exporter's probes feed the fast graph this way too (export/calibrate.py)
+            feeds[self.keep_name] = np.array([1], np.int64)
         for (key_name, value_name), k, v in zip(self.past_names, state.keys, state.values):
             feeds[key_name], feeds[value_name] = k, v
         return feeds
 
-    def forward(self, ids, state: KVState) -> np.ndarray:
+    def forward(self, ids, state: KVState, keep: int = 1) -> np.ndarray:
         tokens = np.asarray(ids, dtype=np.int64)
         if state.offset + len(tokens) > self.context_length:
             raise ValueError(f"the context holds {self.context_length} tokens; {state.offset + len(tokens)} do not fit")

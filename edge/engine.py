@@ -28,7 +28,8 @@ DEMO = Path(__file__).parent / "demo" / "stories260K"
 class Engine:
     """A loaded model that generates text; build it with `edge.load(bundle)`."""
 
-    def __init__(self, bundle: Bundle, profile: Profile, context_length: int | None = None, prefix_cache_mb: float = 0):
+    def __init__(self, bundle: Bundle, profile: Profile, context_length: int | None = None, prefix_cache_mb: float = 0,
+                 speculate: bool | None = None):
         manifest = bundle.manifest
         self.bundle, self.profile = bundle, profile
         self.decoder = open_decoder(bundle, profile, context_length)
@@ -38,7 +39,12 @@ class Engine:
         template = manifest.get("chat_template")
         self.chat_template = ChatTemplate(bundle.file(template).read_text(encoding="utf-8"), special) if template else None
         self.eos_ids = frozenset(manifest["generation"]["eos_token_ids"])
-        self.defaults = manifest["generation"].get("defaults", {})
+        self.defaults = dict(manifest["generation"].get("defaults", {}))
+        if speculate is not None:  # the engine's default; a request may still say otherwise
+            self.defaults["speculate"] = speculate
+        if speculate and not self.decoder.verifies:
+            warn_once(f"{bundle.path} was exported before speculative decoding (its graph returns one position's "
+                      f"logits): it decodes one token per pass; export it again to speculate")
         prefix = PrefixCache(int(prefix_cache_mb * memory.MB)) if prefix_cache_mb > 0 else None
         self.worker = Worker(self.decoder, self.tokenizer, self.eos_ids, prefix)  # the one thread that generates
 
@@ -184,7 +190,8 @@ def resolve(bundle: str | Path) -> Path:
 
 
 def load(bundle: str | Path, profile: str | Path | Profile = "auto", context_length: int | None = None,
-         verify: str = "changed", check_memory: bool = True, prefix_cache_mb: float | None = None) -> Engine:
+         verify: str = "changed", check_memory: bool = True, prefix_cache_mb: float | None = None,
+         speculate: bool | None = None) -> Engine:
     """Verify a bundle and load it under a device profile.
 
     profile: "auto" (detect the board), a profile name, a .toml path, or a Profile.
@@ -193,6 +200,8 @@ def load(bundle: str | Path, profile: str | Path | Profile = "auto", context_len
     check_memory: refuse, with the numbers, a model that will not fit the budget or the free memory.
     prefix_cache_mb: memory for snapshots of recent prompts (edge/prefix.py); 0 turns the cache off; None takes the
     profile's, and turns it off where the model fits only without it.
+    speculate: draft from the prompt and verify several tokens per pass (edge/draft.py) unless a call says
+    otherwise; None keeps GenerationParams' default.
     """
     path = resolve(bundle)
     if not path.is_dir():
@@ -207,7 +216,7 @@ def load(bundle: str | Path, profile: str | Path | Profile = "auto", context_len
     if check_memory:
         prefix = fitted_prefix_cache(opened, context, prefix, prefix_cache_mb is None, choice.profile, device)
     warn_target(opened.manifest, choice.profile)
-    return Engine(opened, choice.profile, context, prefix)
+    return Engine(opened, choice.profile, context, prefix, speculate)
 
 
 def fitted_prefix_cache(bundle: Bundle, context: int, prefix_mb: float, optional: bool, profile: Profile,

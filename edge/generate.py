@@ -1,7 +1,8 @@
 """The generation loop as layered generators.
 
-`step` yields (token, logprob, ...) tuples: prefill, then one decode step per token, through a decoder adapter
-(edge/decoder.py) and a KV state it is given (edge/cache.py). `stream` turns them into
+`step` yields `Token`s: prefill, then one decode step per token, through a decoder adapter (edge/decoder.py) and a
+KV state it is given (edge/cache.py); `speculative_step` yields the same, several per forward pass where a drafted
+continuation (edge/draft.py) is verified and accepted. `stream` turns them into
 `Record`s of text, honouring eos ids, stop strings and max_tokens. `generate` joins a stream into a string.
 The CLI, the HTTP server and embedding products consume `stream` and nothing below it.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
@@ -17,7 +19,8 @@ import numpy as np
 from edge import sampling
 from edge.cache import KVState, common_prefix
 from edge.decoder import Decoder
-from edge.sampling import Processor, Sampler, log_softmax, make_processors, make_sampler
+from edge.draft import PromptLookup
+from edge.sampling import Processor, Sampler, draw, log_softmax, make_distribution, make_processors, make_sampler
 from edge.tokenizer import Tokenizer
 
 
@@ -43,6 +46,7 @@ class GenerationParams:
     seed: int | None = None  # fixes the random draws; None draws a fresh seed
     stop: list[str] = field(default_factory=list)  # strings that end generation; not included in the text
     ignore_eos: bool = False  # generate past end-of-sequence tokens, up to max_tokens (benchmarks, as llama.cpp's)
+    speculate: bool = False  # draft from the prompt and verify several tokens per pass (same output distribution)
 
     def __post_init__(self):
         checks = {
@@ -81,33 +85,109 @@ class Record(NamedTuple):
     cached_tokens: int = 0  # prompt tokens whose keys and values were reused, not prefilled
     seconds: float = 0.0  # from the start of the stream to this record
     compute_seconds: float = 0.0  # of which spent in the decoder for this record (the first: the prefill too)
+    step_tokens: int = 1  # tokens the forward pass that produced this one produced (on its first record; else 0)
+    drafted: int = 0  # drafted tokens that pass verified (on its first record); step_tokens - 1 of them accepted
+
+
+class Token(NamedTuple):
+    """What a step generator yields per token."""
+
+    token: int
+    logprob: float  # under the raw distribution (log-softmax of the logits)
+    top: tuple[tuple[int, float], ...]  # the top_n most likely (token, logprob)
+    spent: float  # seconds in the decoder for the pass that produced it (0 for the rest of that pass's tokens)
+    step_tokens: int = 1  # tokens that pass produced (0 for the rest of them)
+    drafted: int = 0  # drafted tokens that pass verified
 
 
 def step(decoder: Decoder, state: KVState, prompt: Sequence[int], sampler: Sampler, processors: list[Processor],
-         top_n: int = 0) -> Iterator[tuple[int, float, tuple, float]]:
-    """Prefill what the state lacks of the prompt, then yield (token, logprob, top_n alternatives, seconds in the
-    decoder) forever; the consumer decides when to stop. The state must hold a prefix of the prompt, shorter than
-    it, and is left holding the prompt and every yielded token but the last."""
-    if state.offset >= len(prompt) or state.tokens != list(prompt[:state.offset]):
-        raise ValueError("the KV state must hold a proper prefix of the prompt")
+         top_n: int = 0) -> Iterator[Token]:
+    """Prefill what the state lacks of the prompt, then yield a Token per forward pass forever; the consumer
+    decides when to stop. The state must hold a prefix of the prompt, shorter than it, and is left holding the
+    prompt and every yielded token but the last."""
+    _check_prefix(state, prompt)
     started = time.perf_counter()
     logits = decoder.prefill(prompt[state.offset:], state)
     spent = time.perf_counter() - started
     history = list(prompt)
     while True:
-        scores = logits
-        for process in processors:
-            scores = process(history, scores)
-        token = sampler(scores)
-        if top_n:
-            logprobs = log_softmax(logits)
-            yield token, float(logprobs[token]), top_tokens(logprobs, top_n), spent
-        else:
-            yield token, sampling.logprob(logits, token), (), spent
+        token = sampler(_processed(processors, history, logits))
+        yield _token(logits, token, top_n, spent)
         history.append(token)
         started = time.perf_counter()
         logits = decoder.forward([token], state)[-1]
         spent = time.perf_counter() - started
+
+
+def speculative_step(decoder: Decoder, state: KVState, prompt: Sequence[int], params: GenerationParams,
+                     processors: list[Processor], budget: int, drafter: PromptLookup | None = None) -> Iterator[Token]:
+    """As step, but each pass after the prefill feeds the last token and a draft of the tokens after it, and
+    yields the draft's longest accepted prefix and one more token. Exact in distribution: a drafted token is
+    accepted with its probability under the final sampling distribution at its position (penalties seeing the
+    tokens accepted before it), else the token is drawn from that distribution without it (speculative sampling
+    with a draft that is certain of its guess); greedy accepts exactly the argmax. budget: the most tokens the
+    consumer will take (drafts never run past it). The state is left as step leaves it, however far the last
+    pass got or wherever the consumer stops."""
+    _check_prefix(state, prompt)
+    drafter = drafter or PromptLookup()
+    distribution = make_distribution(params.temperature, params.top_k, params.top_p, params.min_p)
+    rng = np.random.default_rng(params.seed)
+    history, draft = list(prompt), []
+    started = time.perf_counter()
+    rows = decoder.prefill(prompt[state.offset:], state)[None]
+    try:
+        while True:  # one forward pass per round: rows[i] predicts the token after draft[:i]
+            spent = time.perf_counter() - started
+            tokens = _accept(rows, draft, processors, distribution, rng, history)
+            drafter.update(len(draft), len(tokens) - 1)
+            state.trim(state.offset - (len(draft) - (len(tokens) - 1)))  # the rejected drafts' keys go
+            for i, token in enumerate(tokens):
+                history.append(token)
+                first = i == 0
+                yield _token(rows[i], token, params.top_logprobs, spent if first else 0.0)._replace(
+                    step_tokens=len(tokens) if first else 0, drafted=len(draft) if first else 0)
+            room = min(budget - (len(history) - len(prompt)), decoder.context_length - state.offset) - 1
+            draft = drafter.draft(history, room)
+            started = time.perf_counter()
+            rows = decoder.forward([history[-1]] + draft, state, keep=1 + len(draft))[-1 - len(draft):]
+    finally:  # a consumer that stopped mid-pass: forget the tokens it never took, as plain decoding would
+        if state.offset > len(history) - 1:
+            state.trim(len(history) - 1)
+
+
+def _accept(rows: np.ndarray, draft: list[int], processors: list[Processor], distribution, rng: np.random.Generator,
+            history: list[int]) -> list[int]:
+    """The accepted prefix of the draft and the token after it (drawn where the draft ran out or was rejected)."""
+    accepted: list[int] = []
+    for i, row in enumerate(rows):
+        probs = distribution(_processed(processors, history + accepted, row))
+        if i == len(draft):
+            return accepted + [draw(probs, rng)]
+        guess = draft[i]
+        if rng.random() < probs[guess]:
+            accepted.append(guess)
+            continue
+        probs[guess] = 0.0  # the residual of a certain draft: the distribution without the rejected token
+        return accepted + [draw(probs, rng)]
+    raise AssertionError("one row more than the draft")
+
+
+def _processed(processors: list[Processor], history: list[int], logits: np.ndarray) -> np.ndarray:
+    for process in processors:
+        logits = process(history, logits)
+    return logits
+
+
+def _token(logits: np.ndarray, token: int, top_n: int, spent: float) -> Token:
+    if top_n:
+        logprobs = log_softmax(logits)
+        return Token(token, float(logprobs[token]), top_tokens(logprobs, top_n), spent)
+    return Token(token, sampling.logprob(logits, token), (), spent)
+
+
+def _check_prefix(state: KVState, prompt: Sequence[int]) -> None:
+    if state.offset >= len(prompt) or state.tokens != list(prompt[:state.offset]):
+        raise ValueError("the KV state must hold a proper prefix of the prompt")
 
 
 def top_tokens(logprobs: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
@@ -154,27 +234,31 @@ def _records(decoder: Decoder, tokenizer: Tokenizer, prompt: Sequence[int], para
     sampler = make_sampler(params.temperature, params.top_k, params.top_p, params.min_p, params.seed)
     processors = make_processors(params.repetition_penalty, params.presence_penalty, params.frequency_penalty,
                                  len(prompt))
-    steps = step(decoder, state, prompt, sampler, processors, params.top_logprobs)
+    if params.speculate and decoder.verifies:
+        steps = speculative_step(decoder, state, prompt, params, processors, limit)
+    else:
+        steps = step(decoder, state, prompt, sampler, processors, params.top_logprobs)
     eos_ids = () if params.ignore_eos else eos_ids
     detok, stops = tokenizer.detokenizer(prompt), StopMatcher(params.stop)
 
-    def record(text, token, logprob, finish, top, spent):
-        pieces = tuple(tokenizer.decode_one(t) for t, _ in top)
-        return Record(text, token, logprob, finish, top, tokenizer.decode_one(token), pieces, cached,
-                      time.perf_counter() - started, spent)
-    for count, (token, logprob, top, spent) in enumerate(steps, start=1):
-        if token in eos_ids:
-            text, _ = stops.finish(detok.flush())
-            yield record(text, token, logprob, "stop", top, spent)
-            return
-        text, stopped = stops.feed(detok.add(token))
-        if not stopped and count == limit:
-            tail, stopped = stops.finish(detok.flush())
-            text += tail
-        if stopped or count == limit:
-            yield record(text, token, logprob, "stop" if stopped else "length", top, spent)
-            return
-        yield record(text, token, logprob, None, top, spent)
+    def record(text, t: Token, finish):
+        pieces = tuple(tokenizer.decode_one(token) for token, _ in t.top)
+        return Record(text, t.token, t.logprob, finish, t.top, tokenizer.decode_one(t.token), pieces, cached,
+                      time.perf_counter() - started, t.spent, t.step_tokens, t.drafted)
+    with closing(steps):  # the step generator leaves the state as it should be once closed, here and now
+        for count, t in enumerate(steps, start=1):
+            if t.token in eos_ids:
+                text, _ = stops.finish(detok.flush())
+                yield record(text, t, "stop")
+                return
+            text, stopped = stops.feed(detok.add(t.token))
+            if not stopped and count == limit:
+                tail, stopped = stops.finish(detok.flush())
+                text += tail
+            if stopped or count == limit:
+                yield record(text, t, "stop" if stopped else "length")
+                return
+            yield record(text, t, None)
 
 
 def generate(decoder: Decoder, tokenizer: Tokenizer, prompt: Sequence[int], params: GenerationParams,

@@ -20,6 +20,8 @@ class Metrics:
         self.cached_tokens = 0  # prompt tokens served by the prefix cache instead of prefilled
         self.prefix_cache_bytes = 0  # memory the prefix cache's snapshots hold now
         self.prefix_cache_entries = 0
+        self.drafted_tokens = 0  # tokens speculative decoding drafted and verified
+        self.accepted_tokens = 0  # of which accepted
 
     def request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -27,10 +29,12 @@ class Metrics:
             self.errors += status >= 400
 
     def generation(self, prompt_tokens: int, generated: int, ttft: float | None, decode_rate: float | None,
-                   cached_tokens: int = 0) -> None:
+                   cached_tokens: int = 0, drafted: int = 0, accepted: int = 0) -> None:
         with self._lock:
             self.prompt_tokens += prompt_tokens
             self.cached_tokens += cached_tokens
+            self.drafted_tokens += drafted
+            self.accepted_tokens += accepted
             self.generated_tokens += generated
             if ttft is not None:
                 self.ttft_sum += ttft
@@ -49,6 +53,11 @@ class Metrics:
                 "# TYPE edge_prefix_cache_bytes gauge", f"edge_prefix_cache_bytes {self.prefix_cache_bytes}",
                 "# TYPE edge_prefix_cache_entries gauge", f"edge_prefix_cache_entries {self.prefix_cache_entries}",
                 "# TYPE edge_generated_tokens_total counter", f"edge_generated_tokens_total {self.generated_tokens}",
+                "# TYPE edge_draft_tokens_total counter", f"edge_draft_tokens_total {self.drafted_tokens}",
+                "# TYPE edge_draft_tokens_accepted_total counter",
+                f"edge_draft_tokens_accepted_total {self.accepted_tokens}",
+                "# TYPE edge_draft_acceptance_ratio gauge",
+                f"edge_draft_acceptance_ratio {self.accepted_tokens / max(self.drafted_tokens, 1):.4f}",
                 "# TYPE edge_time_to_first_token_seconds summary",
                 f"edge_time_to_first_token_seconds_sum {self.ttft_sum:.6f}",
                 f"edge_time_to_first_token_seconds_count {self.ttft_count}",

@@ -134,6 +134,7 @@ def _common(body: dict) -> dict:
         "frequency_penalty": _number(body, "frequency_penalty", float, -2, 2),
         "repetition_penalty": _number(body, "repetition_penalty", float, 0, 10, low_open=True),
         "stop": _stop(body.get("stop")),
+        "speculate": _typed(body, "speculate", bool),
     }
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):

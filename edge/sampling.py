@@ -78,10 +78,33 @@ def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, m
 
     def sample(logits: np.ndarray) -> int:
         logits = warp(logits)
-        probs = np.exp(logits - logits.max())
-        cdf = np.cumsum(probs)
-        return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
+        return draw(np.exp(logits - logits.max()), rng)
     return sample
+
+
+def make_distribution(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                      min_p: float = 0.0) -> Callable[[np.ndarray], np.ndarray]:
+    """The distribution make_sampler draws from, as probabilities (float64, summing to 1): what speculative
+    decoding accepts a drafted token by. Temperature 0 puts all the mass on the argmax."""
+    if temperature == 0:
+        def greedy(logits: np.ndarray) -> np.ndarray:
+            probs = np.zeros(len(logits))
+            probs[int(np.argmax(logits))] = 1.0
+            return probs
+        return greedy
+    warp = make_warper(temperature, top_k, top_p, min_p)
+
+    def distribution(logits: np.ndarray) -> np.ndarray:
+        logits = warp(logits)
+        probs = np.exp(logits - logits.max())
+        return probs / probs.sum()
+    return distribution
+
+
+def draw(weights: np.ndarray, rng: np.random.Generator) -> int:
+    """A token drawn with probability proportional to its weight."""
+    cdf = np.cumsum(weights)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
 
 
 def _top_k(k: int):

@@ -113,7 +113,8 @@ def io_names(model_proto) -> dict:
     outputs = {o.name for o in model_proto.graph.output}
     spec = {
         "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                   "position_ids": "position_ids" if "position_ids" in inputs else None},
+                   "position_ids": "position_ids" if "position_ids" in inputs else None,
+                   "logits_to_keep": "logits_to_keep" if "logits_to_keep" in inputs else None},
         "past_key": "past_key_values.{layer}.key", "past_value": "past_key_values.{layer}.value",
         "present_key": "present.{layer}.key", "present_value": "present.{layer}.value",
         "logits": "logits", "kv_dtype": "float32",

@@ -6,12 +6,13 @@ fused ops is brittle. The decoder itself is a short, well-known recipe, so we wr
 
     Gather (embedding) -> per layer: [Skip]SimplifiedLayerNormalization -> q/k/v MatMul (+bias; Qwen3 q/k RMSNorm)
     -> GroupQueryAttention (rotary fused, past/present KV in one buffer) -> o MatMul -> SkipSimplifiedLayerNorm
-    -> gate/up MatMul, SiLU, down MatMul -> final norm -> lm_head on the last position only.
+    -> gate/up MatMul, SiLU, down MatMul -> final norm -> lm_head on the last `logits_to_keep` positions only.
 
 MatMul weights are plain fp32 initializers named like optimum's (`/lm_head/MatMul`, a Gather on `input_ids`),
 so export.quantize turns them into MatMulNBits and shares the tied embedding exactly as for the slow graph.
-Inputs: input_ids, attention_mask (past + new tokens), past_key_values.{i}.key/value; outputs: logits of the last
-position, present.{i}.key/value. The runtime binds past and present of a layer to the same buffer.
+Inputs: input_ids, attention_mask (past + new tokens), logits_to_keep ([1]), past_key_values.{i}.key/value;
+outputs: logits of the last logits_to_keep positions, present.{i}.key/value. The runtime binds past and present of
+a layer to the same buffer.
 """
 from __future__ import annotations
 
@@ -122,8 +123,11 @@ def build(model, context_length: int) -> onnx.ModelProto:
             pending = _norm(b, None, pending, weights[f"{layer}.post_feedforward_layernorm.weight"], eps,
                             f"/{layer}/post_feedforward_layernorm")[0]
     final, _ = _norm(b, pending, residual, weights["model.norm.weight"], eps, "/model/norm")
-    last = b.op("Slice", [final, b.weight("last_start", np.array([-1])), b.weight("last_end", np.array([2**62])),
-                          b.weight("last_axis", np.array([1]))], name="/model/last_position")
+    # The logits of the last `logits_to_keep` positions: 1 for a step or a prefill chunk (the lm_head over one row),
+    # more to verify drafted tokens in one pass (speculative decoding).
+    start = b.op("Neg", ["logits_to_keep"], name="/model/last_start")
+    last = b.op("Slice", [final, start, b.weight("last_end", np.array([2**62])),
+                          b.weight("last_axis", np.array([1]))], name="/model/last_positions")
     _lm_head(b, last, weights, getattr(config, "final_logit_softcapping", None))
     return _model(b, shape, config)
 
@@ -290,8 +294,10 @@ def _model(b: Builder, shape: dict, config) -> onnx.ModelProto:
     kv = ["batch_size", shape["num_kv_heads"], "past_sequence_length", shape["head_dim"]]
     present = ["batch_size", shape["num_kv_heads"], "total_sequence_length", shape["head_dim"]]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_length"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", 1, shape["vocab_size"]])]
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_length"]),
+              helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                             ["batch_size", "logits_length", shape["vocab_size"]])]
     for i in range(shape["num_layers"]):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv))

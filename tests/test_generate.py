@@ -132,7 +132,7 @@ class ScriptedDecoder(Decoder):
     def new_state(self):
         return KVState(num_layers=1, num_kv_heads=1, head_dim=1)  # tokens only: there are no keys to keep
 
-    def forward(self, tokens, state):
+    def forward(self, tokens, state, keep=1):
         start = state.offset
         state.append(tokens)
         logits = np.zeros((len(tokens), self.shape["vocab_size"]), dtype=np.float32)

@@ -25,7 +25,8 @@ def test_the_graph_uses_fused_ops_and_returns_the_last_position(exports):
     assert not used & {"Softmax", "Pow", "ReduceMean", "Sqrt"}  # no spelled-out attention or RMSNorm
     model = onnx.load(bundle / "model.onnx", load_external_data=False)
     logits = next(o for o in model.graph.output if o.name == "logits")
-    assert logits.type.tensor_type.shape.dim[1].dim_value == 1
+    assert logits.type.tensor_type.shape.dim[1].dim_param == "logits_length"  # logits_to_keep rows: 1 but to verify
+    assert "logits_to_keep" in {i.name for i in model.graph.input}
     onnx_spec = edge.load(bundle).bundle.manifest["onnx"]
     assert (onnx_spec["graph"], onnx_spec["kv"], onnx_spec["logits_positions"]) == ("fast", "shared-buffer", "last")
 

@@ -552,3 +552,19 @@ def test_the_prefix_cache_file_makes_the_first_request_after_a_restart_warm(expo
         process.kill()
         output = process.communicate(timeout=30)[0].decode()
     assert reply.usage.prompt_tokens_details.cached_tokens == 0 and "written for another bundle" in output
+
+
+def test_a_request_may_speculate_and_metrics_report_the_acceptance(exports):
+    engine = edge.load(exports.bundle("smollm2-135m", "int4"), prefix_cache_mb=0)
+    with in_process(make_app(engine)) as base:
+        question = "Repeat this sentence exactly: It opens at seven in the morning and closes at six in the evening."
+        plain = ask(base, question, speculate=False).choices[0].message.content
+        fast = ask(base, question, speculate=True).choices[0].message.content
+        with pytest.raises(openai.BadRequestError, match="speculate must be a bool"):
+            ask(base, "Hi", speculate="yes")
+        metrics = httpx.get(f"{base}/metrics").text
+    assert fast == plain
+    drafted = int(re.search(r"^edge_draft_tokens_total (\d+)$", metrics, re.M).group(1))
+    accepted = int(re.search(r"^edge_draft_tokens_accepted_total (\d+)$", metrics, re.M).group(1))
+    ratio = float(re.search(r"^edge_draft_acceptance_ratio ([\d.]+)$", metrics, re.M).group(1))
+    assert 0 < accepted <= drafted and ratio == pytest.approx(accepted / drafted, abs=1e-4)
