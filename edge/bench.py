@@ -103,7 +103,7 @@ def speculation(bundle: str, cases_file: str, runs: int, threads: int = 0, profi
                     texts.append("".join(r.text for r in records))
                 identical &= texts[0] == texts[1]
                 drafted += sum(r.drafted for r in records)
-                accepted += sum(r.step_tokens - 1 for r in records if r.drafted)
+                accepted += sum(r.accepted for r in records)
             same += identical
             plain, fast = statistics.median(rates[False]), statistics.median(rates[True])
             speeds["plain"].append(plain)

@@ -86,7 +86,12 @@ class Record(NamedTuple):
     seconds: float = 0.0  # from the start of the stream to this record
     compute_seconds: float = 0.0  # of which spent in the decoder for this record (the first: the prefill too)
     step_tokens: int = 1  # tokens the forward pass that produced this one produced (on its first record; else 0)
-    drafted: int = 0  # drafted tokens that pass verified (on its first record); step_tokens - 1 of them accepted
+    drafted: int = 0  # drafted tokens that pass verified (on its first record)
+
+    @property
+    def accepted(self) -> int:
+        """Drafted tokens this record's pass accepted (on its first record; else 0)."""
+        return self.step_tokens - 1 if self.drafted else 0
 
 
 class Token(NamedTuple):
@@ -98,6 +103,8 @@ class Token(NamedTuple):
     spent: float  # seconds in the decoder for the pass that produced it (0 for the rest of that pass's tokens)
     step_tokens: int = 1  # tokens that pass produced (0 for the rest of them)
     drafted: int = 0  # drafted tokens that pass verified
+
+    accepted = Record.accepted
 
 
 def step(decoder: Decoder, state: KVState, prompt: Sequence[int], sampler: Sampler, processors: list[Processor],

@@ -110,7 +110,7 @@ class Tally:
         if self.first and self.tokens > 1:
             decode = (self.tokens - 1) / max(time.perf_counter() - self.first, 1e-9)
         drafted = sum(r.drafted for r in self.records)
-        accepted = sum(max(r.step_tokens - 1, 0) for r in self.records if r.drafted)
+        accepted = sum(r.accepted for r in self.records)
         metrics.generation(self.prompt_tokens, self.tokens, ttft, decode, self.cached, drafted, accepted)
 
     def usage(self) -> dict:
