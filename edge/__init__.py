@@ -37,7 +37,7 @@ _checkout_subpackages()
 # onnxruntime, and `edge doctor` must be able to say why on a board where onnxruntime cannot be installed.
 _API = {"BundleError": "edge.bundle", "ChatTemplateError": "edge.chat", "Engine": "edge.engine", "load": "edge.engine",
         "ContextError": "edge.generate", "ContextLengthError": "edge.generate", "GenerationParams": "edge.generate",
-        "Record": "edge.generate"}
+        "Record": "edge.generate", "ConstraintError": "edge.constraint"}
 
 
 def __getattr__(name: str):
@@ -50,4 +50,4 @@ def __getattr__(name: str):
 
 __version__ = "0.1.0"
 __all__ = ["load", "Engine", "GenerationParams", "Record", "BundleError", "ContextError", "ContextLengthError",
-           "ChatTemplateError"]
+           "ChatTemplateError", "ConstraintError"]

@@ -77,6 +77,11 @@ def user(content: str) -> dict:
     return {"role": "user", "content": content}
 
 
+def decode_rate(records: list) -> float:
+    """Tokens per second of a stream's records from its first token to its last (the prefill left out)."""
+    return (len(records) - 1) / max(records[-1].seconds - records[0].seconds, 1e-9)
+
+
 def speculation(bundle: str, cases_file: str, runs: int, threads: int = 0, profile: str = "auto",
                 max_tokens: int = 128) -> dict:
     """Greedy decode speed of each prompt of the file's sets with speculative decoding and without, alternated
@@ -99,7 +104,7 @@ def speculation(bundle: str, cases_file: str, runs: int, threads: int = 0, profi
                 for speculate in (False, True):
                     records = list(engine.stream(messages=[user(prompt)], temperature=0, max_tokens=max_tokens,
                                                  speculate=speculate))
-                    rates[speculate].append((len(records) - 1) / max(records[-1].seconds - records[0].seconds, 1e-9))
+                    rates[speculate].append(decode_rate(records))
                     texts.append("".join(r.text for r in records))
                 identical &= texts[0] == texts[1]
                 drafted += sum(r.drafted for r in records)

@@ -74,6 +74,11 @@ def parser() -> argparse.ArgumentParser:
     _add_bundle(run)
     run.add_argument("prompt", nargs="?", help="the prompt; stdin when omitted")
     _add_sampling(run)
+    shape = run.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", help="the output is JSON that follows the schema in FILE")
+    shape.add_argument("--grammar", metavar="FILE", help="the output follows the GBNF (llama.cpp's) or Lark grammar "
+                                                         "in FILE")
+    shape.add_argument("--regex", metavar="R", help="the output matches the regular expression R")
     run.set_defaults(func=cmd_run)
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template")
@@ -254,6 +259,17 @@ def _sampling(args) -> dict:
     return {name: getattr(args, name) for name in SAMPLING}
 
 
+def _constraint(args) -> dict:
+    """edge run's --json-schema, --grammar (files) and --regex, as the engine takes them."""
+    fields = {}
+    for name in ("json_schema", "grammar"):
+        if getattr(args, name, None):
+            fields[name] = Path(getattr(args, name)).read_text(encoding="utf-8")
+    if getattr(args, "regex", None):
+        fields["regex"] = args.regex
+    return fields
+
+
 def _load(args):
     import time
 
@@ -302,7 +318,7 @@ def cmd_run(args) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     engine = _load(args)
     started, stamps = time.perf_counter(), []
-    _print_stream(_stamped(engine.stream(prompt, **_sampling(args)), stamps))
+    _print_stream(_stamped(engine.stream(prompt, **_sampling(args), **_constraint(args)), stamps))
     sys.stdout.write("\n")
     if args.verbose and stamps:
         decode = f", then {(len(stamps) - 1) / (stamps[-1] - stamps[0]):.1f} tokens/s" if len(stamps) > 1 else ""

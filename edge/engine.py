@@ -14,6 +14,7 @@ from edge import generate as gen
 from edge import fidelity, memory
 from edge.bundle import Bundle, BundleError, open_bundle
 from edge.chat import ChatTemplate, ChatTemplateError
+from edge.constraint import ConstraintError, Grammars, Spec, spec_from
 from edge.conversation import Conversation
 from edge.decoder import open_decoder
 from edge.prefix import PrefixCache
@@ -47,6 +48,8 @@ class Engine:
                       f"logits): it decodes one token per pass; export it again to speculate")
         prefix = PrefixCache(int(prefix_cache_mb * memory.MB)) if prefix_cache_mb > 0 else None
         self.worker = Worker(self.decoder, self.tokenizer, self.eos_ids, prefix)  # the one thread that generates
+        self.grammars = Grammars(bundle.file(manifest["tokenizer"]["file"]), self.decoder.shape["vocab_size"],
+                                 self.eos_ids)
 
     @property
     def context_length(self) -> int:
@@ -56,8 +59,20 @@ class Engine:
     def prefix_cache(self) -> PrefixCache | None:
         return self.worker.prefix
 
-    def params(self, **overrides) -> gen.GenerationParams:
-        return gen.GenerationParams.with_defaults(self.defaults, **overrides)
+    def params(self, response_format=None, grammar=None, json_schema=None, regex=None, constraint=None,
+               **overrides) -> gen.GenerationParams:
+        """Generation parameters: the bundle's defaults, then these. The output can be constrained by one of
+        response_format (OpenAI's: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema":
+        ...}}), json_schema (a schema), grammar (GBNF, as llama.cpp takes it, or Lark), regex, or constraint (a
+        Spec, as the server parses one); one that cannot be built raises ConstraintError with the reason
+        (compiling takes milliseconds, once per spec)."""
+        spec = spec_from(response_format, grammar, json_schema, regex)
+        if spec is not None and constraint is not None:
+            raise ConstraintError("give either constraint or one of response_format, grammar, json_schema and regex")
+        spec = spec or constraint
+        if isinstance(spec, Spec):
+            spec = self.grammars.compile(spec)
+        return gen.GenerationParams.with_defaults(self.defaults, constraint=spec, **overrides)
 
     def encode(self, prompt: str | Sequence[int] | None = None, messages: list[dict] | None = None) -> list[int]:
         """Token ids of a plain prompt (with the tokenizer's special tokens, e.g. BOS) or of chat messages.

@@ -9,7 +9,7 @@ The CLI, the HTTP server and embedding products consume `stream` and nothing bel
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
@@ -18,6 +18,7 @@ import numpy as np
 
 from edge import sampling
 from edge.cache import KVState, common_prefix
+from edge.constraint import Constraint, Matcher
 from edge.decoder import Decoder
 from edge.draft import PromptLookup
 from edge.sampling import Processor, Sampler, draw, log_softmax, make_distribution, make_processors, make_sampler
@@ -47,6 +48,7 @@ class GenerationParams:
     stop: list[str] = field(default_factory=list)  # strings that end generation; not included in the text
     ignore_eos: bool = False  # generate past end-of-sequence tokens, up to max_tokens (benchmarks, as llama.cpp's)
     speculate: bool = False  # draft from the prompt and verify several tokens per pass (same output distribution)
+    constraint: Constraint | None = None  # the output must match it (a schema, grammar or regex: edge/constraint.py)
 
     def __post_init__(self):
         checks = {
@@ -108,10 +110,11 @@ class Token(NamedTuple):
 
 
 def step(decoder: Decoder, state: KVState, prompt: Sequence[int], sampler: Sampler, processors: list[Processor],
-         top_n: int = 0) -> Iterator[Token]:
+         top_n: int = 0, ahead: Callable[[list[int]], None] | None = None) -> Iterator[Token]:
     """Prefill what the state lacks of the prompt, then yield a Token per forward pass forever; the consumer
     decides when to stop. The state must hold a prefix of the prompt, shorter than it, and is left holding the
-    prompt and every yielded token but the last."""
+    prompt and every yielded token but the last. ahead: work on the history to start before each forward pass
+    and overlap it (a constraint's next mask)."""
     _check_prefix(state, prompt)
     started = time.perf_counter()
     logits = decoder.prefill(prompt[state.offset:], state)
@@ -121,20 +124,24 @@ def step(decoder: Decoder, state: KVState, prompt: Sequence[int], sampler: Sampl
         token = sampler(_processed(processors, history, logits))
         yield _token(logits, token, top_n, spent)
         history.append(token)
+        if ahead is not None:
+            ahead(history)
         started = time.perf_counter()
         logits = decoder.forward([token], state)[-1]
         spent = time.perf_counter() - started
 
 
 def speculative_step(decoder: Decoder, state: KVState, prompt: Sequence[int], params: GenerationParams,
-                     processors: list[Processor], budget: int, drafter: PromptLookup | None = None) -> Iterator[Token]:
+                     processors: list[Processor], budget: int, drafter: PromptLookup | None = None,
+                     matcher: Matcher | None = None) -> Iterator[Token]:
     """As step, but each pass after the prefill feeds the last token and a draft of the tokens after it, and
     yields the draft's longest accepted prefix and one more token. Exact in distribution: a drafted token is
     accepted with its probability under the final sampling distribution at its position (penalties seeing the
     tokens accepted before it), else the token is drawn from that distribution without it (speculative sampling
     with a draft that is certain of its guess); greedy accepts exactly the argmax. budget: the most tokens the
     consumer will take (drafts never run past it). The state is left as step leaves it, however far the last
-    pass got or wherever the consumer stops."""
+    pass got or wherever the consumer stops. matcher: a constraint's, also among the processors; drafts are cut
+    where it would refuse them."""
     _check_prefix(state, prompt)
     drafter = drafter or PromptLookup()
     distribution = make_distribution(params.temperature, params.top_k, params.top_p, params.min_p)
@@ -155,6 +162,8 @@ def speculative_step(decoder: Decoder, state: KVState, prompt: Sequence[int], pa
                     step_tokens=len(tokens) if first else 0, drafted=len(draft) if first else 0)
             room = min(budget - (len(history) - len(prompt)), decoder.context_length - state.offset) - 1
             draft = drafter.draft(history, room)
+            if matcher is not None:
+                draft = draft[:matcher.valid(history, draft)]
             started = time.perf_counter()
             rows = decoder.forward([history[-1]] + draft, state, keep=1 + len(draft))[-1 - len(draft):]
     finally:  # a consumer that stopped mid-pass: forget the tokens it never took, as plain decoding would
@@ -241,10 +250,14 @@ def _records(decoder: Decoder, tokenizer: Tokenizer, prompt: Sequence[int], para
     sampler = make_sampler(params.temperature, params.top_k, params.top_p, params.min_p, params.seed)
     processors = make_processors(params.repetition_penalty, params.presence_penalty, params.frequency_penalty,
                                  len(prompt))
+    matcher = params.constraint.start(len(prompt)) if params.constraint is not None else None
+    if matcher is not None:
+        processors.append(matcher)  # last: the mask decides what may follow whatever the penalties did
     if params.speculate and decoder.verifies:
-        steps = speculative_step(decoder, state, prompt, params, processors, limit)
+        steps = speculative_step(decoder, state, prompt, params, processors, limit, matcher=matcher)
     else:
-        steps = step(decoder, state, prompt, sampler, processors, params.top_logprobs)
+        steps = step(decoder, state, prompt, sampler, processors, params.top_logprobs,
+                     matcher.ahead if matcher is not None else None)
     eos_ids = () if params.ignore_eos else eos_ids
     detok, stops = tokenizer.detokenizer(prompt), StopMatcher(params.stop)
 
@@ -252,6 +265,7 @@ def _records(decoder: Decoder, tokenizer: Tokenizer, prompt: Sequence[int], para
         pieces = tuple(tokenizer.decode_one(token) for token, _ in t.top)
         return Record(text, t.token, t.logprob, finish, t.top, tokenizer.decode_one(t.token), pieces, cached,
                       time.perf_counter() - started, t.spent, t.step_tokens, t.drafted)
+    history = list(prompt)
     with closing(steps):  # the step generator leaves the state as it should be once closed, here and now
         for count, t in enumerate(steps, start=1):
             if t.token in eos_ids:
@@ -259,13 +273,21 @@ def _records(decoder: Decoder, tokenizer: Tokenizer, prompt: Sequence[int], para
                 yield record(text, t, "stop")
                 return
             text, stopped = stops.feed(detok.add(t.token))
-            if not stopped and count == limit:
+            history.append(t.token)
+            complete = matcher is not None and _complete(matcher, history)
+            if not stopped and (count == limit or complete):
                 tail, stopped = stops.finish(detok.flush())
                 text += tail
-            if stopped or count == limit:
-                yield record(text, t, "stop" if stopped else "length")
+            if stopped or complete or count == limit:
+                yield record(text, t, "stop" if stopped or complete else "length")
                 return
             yield record(text, t, None)
+
+
+def _complete(matcher: Matcher, history: list[int]) -> bool:
+    """The constrained output is whole: nothing but end-of-sequence could follow, so stop without that pass."""
+    matcher.sync(history)
+    return matcher.finished
 
 
 def generate(decoder: Decoder, tokenizer: Tokenizer, prompt: Sequence[int], params: GenerationParams,

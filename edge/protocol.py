@@ -10,6 +10,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from edge.constraint import ConstraintError, spec_from
+
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Fields that would change the output but are not supported: refused, never silently ignored.
 REFUSED = {
@@ -19,7 +21,6 @@ REFUSED = {
     "functions": lambda v: bool(v),
     "tool_choice": lambda v: v not in (None, "none", "auto"),
     "function_call": lambda v: v not in (None, "none", "auto"),
-    "response_format": lambda v: v not in (None, {"type": "text"}),
     "logit_bias": lambda v: bool(v),
     "echo": lambda v: bool(v),
     "suffix": lambda v: bool(v),
@@ -135,6 +136,7 @@ def _common(body: dict) -> dict:
         "repetition_penalty": _number(body, "repetition_penalty", float, 0, 10, low_open=True),
         "stop": _stop(body.get("stop")),
         "speculate": _typed(body, "speculate", bool),
+        "constraint": _constraint(body),
     }
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -145,6 +147,15 @@ def _common(body: dict) -> dict:
                        code="invalid_type")
     return {"params": params, "stream": _typed(body, "stream", bool, default=False), "include_usage": include_usage,
             "cache_prompt": _typed(body, "cache_prompt", bool, default=True)}
+
+
+def _constraint(body: dict):
+    """OpenAI's response_format, or llama.cpp's grammar (GBNF) or json_schema (a bare schema), or regex: the
+    shape of the field is checked here, the schema or grammar itself when the engine compiles it."""
+    try:
+        return spec_from(body.get("response_format"), body.get("grammar"), body.get("json_schema"), body.get("regex"))
+    except ConstraintError as e:
+        raise APIError(400, str(e), e.param, code="invalid_value") from None
 
 
 def _refuse_unsupported(body: dict) -> None:

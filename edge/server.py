@@ -31,6 +31,7 @@ from starlette.routing import Route
 
 from edge import protocol
 from edge.chat import ChatTemplateError
+from edge.constraint import ConstraintError
 from edge.cors import CORS
 from edge.generate import ContextError, ContextLengthError
 from edge.metrics import Metrics
@@ -57,13 +58,13 @@ class Generation:
     with it.
     """
 
-    def __init__(self, engine, ids: list[int], req: protocol.Request, settings: ServerSettings):
+    def __init__(self, engine, ids: list[int], params, req: protocol.Request, settings: ServerSettings):
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         # A closed loop (shutdown) raises here, which the job takes as its reader gone: it stops.
         put = lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item)  # noqa: E731
         try:  # the worker checks the prompt (it fits, its ids are in the vocabulary) before queuing it
-            self.job = engine.submit(ids, engine.params(**req.params), put, req.cache_prompt, settings.max_queue)
+            self.job = engine.submit(ids, params, put, req.cache_prompt, settings.max_queue)
         except BusyError as e:
             raise protocol.APIError(429, str(e), kind="requests", code="rate_limit_exceeded") from None
         except ContextError as e:
@@ -282,26 +283,29 @@ def completions(kind: str):
     async def handle(request: Request, state: EdgeState) -> Response:
         engine = ready(state)
         req = parse(await read_json(request, state.settings.max_body))
-        ids = await run_in_threadpool(encode, engine, req)
-        try:
-            engine.params(**req.params)
-        except ValueError as e:
-            raise protocol.APIError(400, str(e), code="invalid_value") from None
-        generation = Generation(engine, ids, req, state.settings)
+        ids, params = await run_in_threadpool(prepare, engine, req)
+        generation = Generation(engine, ids, params, req, state.settings)
         if req.stream:
             return EventStream(sse(generation, req, engine, state, Tally(len(ids))), generation)
         return await collect(generation, req, engine, state, Tally(len(ids)), request)
     return handle
 
 
-def encode(engine, req: protocol.Request) -> list[int]:
-    """Token ids of the request (in a worker thread: templates and tokenizers)."""
+def prepare(engine, req: protocol.Request):
+    """Token ids and generation parameters of the request (in a worker thread: templates, tokenizers and
+    compiling a constraint take time)."""
     try:
-        return engine.encode(req.prompt, req.messages)
+        ids = engine.encode(req.prompt, req.messages)
     except ChatTemplateError as e:
         raise protocol.APIError(400, str(e), "messages", code="invalid_value") from None
     except ContextError as e:
         raise refused_prompt(e, req) from None
+    try:
+        return ids, engine.params(**req.params)
+    except ConstraintError as e:  # llguidance's reason: the schema, grammar or regex cannot be built
+        raise protocol.APIError(400, str(e), e.param, code="invalid_value") from None
+    except ValueError as e:
+        raise protocol.APIError(400, str(e), code="invalid_value") from None
 
 
 def refused_prompt(e: ContextError, req: protocol.Request) -> protocol.APIError:

@@ -11,8 +11,10 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import uvicorn
@@ -210,8 +212,9 @@ HOSTILE = [  # (body, status, param, code)
     (json.dumps({"messages": MESSAGES, "stop": ["x"] * 17}).encode(), 400, "stop", "array_above_max_length"),
     (json.dumps({"messages": MESSAGES, "n": 2}).encode(), 400, "n", "unsupported_value"),
     (json.dumps({"messages": MESSAGES, "tools": [{"type": "function"}]}).encode(), 400, "tools", "unsupported_value"),
-    (json.dumps({"messages": MESSAGES, "response_format": {"type": "json_object"}}).encode(), 400, "response_format",
-     "unsupported_value"),
+    (json.dumps({"messages": MESSAGES, "response_format": {"type": "xml"}}).encode(), 400, "response_format.type",
+     "invalid_value"),
+    (json.dumps({"messages": MESSAGES, "regex": "(a"}).encode(), 400, "regex", "invalid_value"),
     (json.dumps({"messages": MESSAGES, "logit_bias": {"1": 5}}).encode(), 400, "logit_bias", "unsupported_value"),
     (json.dumps({"messages": MESSAGES, "n": [[[[[[[[[[2]]]]]]]]]]}).encode(), 400, "n", "unsupported_value"),
     (json.dumps({"messages": [{"role": "user", "content": "word " * 400}]}).encode(), 400, "messages",
@@ -568,3 +571,82 @@ def test_a_request_may_speculate_and_metrics_report_the_acceptance(exports):
     accepted = int(re.search(r"^edge_draft_tokens_accepted_total (\d+)$", metrics, re.M).group(1))
     ratio = float(re.search(r"^edge_draft_acceptance_ratio ([\d.]+)$", metrics, re.M).group(1))
     assert 0 < accepted <= drafted and ratio == pytest.approx(accepted / drafted, abs=1e-4)
+
+
+STRUCTURED = json.loads((Path(__file__).parents[1] / "benchmarks" / "structured.json").read_text())["cases"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_app(exports):
+    engine = edge.load(exports.bundle("smollm2-135m", "int4"), prefix_cache_mb=16)
+    with in_process(make_app(engine)) as base:
+        yield base
+
+
+@pytest.mark.parametrize("case", STRUCTURED, ids=[c["name"] for c in STRUCTURED])
+def test_the_real_model_answers_every_schema_with_json_that_validates(smollm2_app, case):
+    """The real SmolLM2 (int4) through the openai client, sampled at 0.8: four seeds, each answer complete
+    (finish_reason stop), parsed and valid against its schema."""
+    for seed in range(4):
+        reply = client(smollm2_app).chat.completions.create(
+            model="x", messages=[{"role": "user", "content": case["prompt"]}], max_tokens=256, temperature=0.8,
+            seed=seed, response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": case["schema"],
+                                                                              "strict": True}})
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), case["schema"])
+
+
+def test_json_object_regex_and_grammar_hold_streamed_or_not(smollm2_app):
+    api = client(smollm2_app)
+    question = [{"role": "user", "content": "Describe your favourite book in JSON."}]
+    for seed in range(2):
+        reply = api.chat.completions.create(model="x", messages=question, max_tokens=256, temperature=0.8, seed=seed,
+                                            response_format={"type": "json_object"})
+        assert reply.choices[0].finish_reason == "stop" and isinstance(json.loads(reply.choices[0].message.content), dict)
+    date = [{"role": "user", "content": "When did the first person walk on the moon?"}]
+    dated = api.chat.completions.create(model="x", messages=date, max_tokens=20, temperature=0,
+                                        extra_body={"regex": r"\d{4}-\d{2}-\d{2}"}, logprobs=True)
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", dated.choices[0].message.content)
+    assert len(dated.choices[0].logprobs.content) == dated.usage.completion_tokens
+    grammar = 'root ::= answer "."\nanswer ::= "yes" | "no"'
+    body = {"model": "x", "messages": [{"role": "user", "content": "Is the sky blue?"}], "max_tokens": 8,
+            "temperature": 0, "grammar": grammar}
+    plain = httpx.post(f"{smollm2_app}/v1/chat/completions", json=body, timeout=60).json()
+    assert plain["choices"][0]["message"]["content"] in ("yes.", "no.")
+    streamed = api.chat.completions.create(stream=True, **{k: v for k, v in body.items() if k != "grammar"},
+                                           extra_body={"grammar": grammar})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == plain["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"json_schema": {"type": "object", "properties": {f"p{i}": {"type": "string", "pattern": "[a-z]{1,9}"}
+                                                       for i in range(9000)}}}, "json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "r", "schema": {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}}}}, "response_format"),
+    ({"regex": "([a-z]+"}, "regex"),
+    ({"grammar": "root ::= [^\\x00-\\x{10FFFF}]"}, "grammar"),
+    ({"grammar": "start: /[^\\s\\S]/"}, "grammar"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"regex": "a", "grammar": 'root ::= "a"'}, "regex"),
+])
+def test_a_hostile_constraint_is_a_400_and_the_next_request_is_answered(smollm2_app, fields, param):
+    body = {"model": "x", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **fields}
+    refused = httpx.post(f"{smollm2_app}/v1/chat/completions", json=body, timeout=60)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == param and refused.json()["error"]["message"]
+    reply = client(smollm2_app).chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}],
+                                                        max_tokens=4, temperature=0)
+    assert reply.choices[0].message.content is not None
+
+
+def test_a_constraint_composes_with_the_prefix_cache_and_speculation(smollm2_app):
+    schema = STRUCTURED[2]["schema"]
+    messages = [{"role": "user", "content": STRUCTURED[2]["prompt"]}]
+    format_ = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    answers = [client(smollm2_app).chat.completions.create(model="x", messages=messages, max_tokens=64, temperature=0,
+                                                           response_format=format_, extra_body=extra)
+               for extra in ({"cache_prompt": False}, {}, {"speculate": True})]
+    assert answers[2].usage.prompt_tokens_details.cached_tokens > 0
+    assert len({a.choices[0].message.content for a in answers}) == 1
+    jsonschema.validate(json.loads(answers[0].choices[0].message.content), schema)
