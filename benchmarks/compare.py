@@ -99,6 +99,13 @@ def child(python: str, *args) -> dict:
 
 
 def genai_runner(hf_dir: Path, threads: int, venv: str | None):
+    python, out = genai_model(hf_dir, threads, venv)
+    return lambda prompt_tokens, new_tokens: child(str(python), "-c", GENAI_CHILD, out, prompt_tokens, new_tokens)
+
+
+def genai_model(hf_dir: Path, threads: int, venv: str | None) -> tuple[Path, Path]:
+    """The genai environment's python and the folder of its model built from hf_dir (both made on first use).
+    The builder keeps the logits of every position (no prune_lm_head), which its n-gram speculation needs."""
     python = Path(venv or CACHE / "genai") / "bin" / "python"
     if not python.exists():
         _make_genai_venv(python.parent.parent)
@@ -112,7 +119,7 @@ def genai_runner(hf_dir: Path, threads: int, venv: str | None):
             shutil.rmtree(out, ignore_errors=True)
             raise PeerUnavailable(f"onnxruntime-genai's builder failed: {done.stderr.strip()[-600:]}")
     _set_genai_threads(out / "genai_config.json", threads)
-    return lambda prompt_tokens, new_tokens: child(str(python), "-c", GENAI_CHILD, out, prompt_tokens, new_tokens)
+    return python, out
 
 
 def _make_genai_venv(folder: Path) -> None:

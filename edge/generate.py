@@ -9,6 +9,7 @@ The CLI, the HTTP server and embedding products consume `stream` and nothing bel
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, fields
@@ -20,7 +21,7 @@ from edge import sampling
 from edge.cache import KVState, common_prefix
 from edge.constraint import Constraint, Matcher
 from edge.decoder import Decoder
-from edge.draft import PromptLookup
+from edge.draft import PassCosts, PromptLookup
 from edge.sampling import Processor, Sampler, draw, log_softmax, make_distribution, make_processors, make_sampler
 from edge.tokenizer import Tokenizer
 
@@ -143,15 +144,19 @@ def speculative_step(decoder: Decoder, state: KVState, prompt: Sequence[int], pa
     pass got or wherever the consumer stops. matcher: a constraint's, also among the processors; drafts are cut
     where it would refuse them."""
     _check_prefix(state, prompt)
-    drafter = drafter or PromptLookup()
-    distribution = make_distribution(params.temperature, params.top_k, params.top_p, params.min_p)
+    costs = pass_costs(decoder)
+    drafter = drafter or PromptLookup(costs=costs)
+    distribution = (None if params.temperature == 0 else
+                    make_distribution(params.temperature, params.top_k, params.top_p, params.min_p))
     rng = np.random.default_rng(params.seed)
     history, draft = list(prompt), []
     started = time.perf_counter()
     rows = decoder.prefill(prompt[state.offset:], state)[None]
+    spent = time.perf_counter() - started
+    if not costs.calibrated:
+        calibrate(decoder, state, costs)
     try:
         while True:  # one forward pass per round: rows[i] predicts the token after draft[:i]
-            spent = time.perf_counter() - started
             tokens = _accept(rows, draft, processors, distribution, rng, history)
             drafter.update(len(draft), len(tokens) - 1)
             state.trim(state.offset - (len(draft) - (len(tokens) - 1)))  # the rejected drafts' keys go
@@ -166,15 +171,50 @@ def speculative_step(decoder: Decoder, state: KVState, prompt: Sequence[int], pa
                 draft = draft[:matcher.valid(history, draft)]
             started = time.perf_counter()
             rows = decoder.forward([history[-1]] + draft, state, keep=1 + len(draft))[-1 - len(draft):]
+            spent = time.perf_counter() - started
+            costs.observe(len(rows), spent)
     finally:  # a consumer that stopped mid-pass: forget the tokens it never took, as plain decoding would
         if state.offset > len(history) - 1:
             state.trim(len(history) - 1)
+
+
+_costs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def pass_costs(decoder: Decoder) -> PassCosts:
+    """The decoder's pass costs by row count, shared by its generations (they depend on the model and the CPU)."""
+    if decoder not in _costs:
+        _costs[decoder] = PassCosts()
+    return _costs[decoder]
+
+
+def calibrate(decoder: Decoder, state: KVState, costs: PassCosts, most: int = 9, repeats: int = 2) -> None:
+    """Time a pass of each row count up to `most` once per decoder (about 30 one-token steps' worth), on the
+    state's end and trimmed off again, so that the first drafts are sized by this CPU's costs."""
+    offset = state.offset
+    if decoder.context_length - offset < most:
+        return
+    for rows in range(1, most + 1):
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            decoder.forward([0] * rows, state, keep=rows)
+            times.append(time.perf_counter() - started)
+            state.trim(offset)
+        costs.seconds[rows] = min(times)
+    costs.calibrated = True
 
 
 def _accept(rows: np.ndarray, draft: list[int], processors: list[Processor], distribution, rng: np.random.Generator,
             history: list[int]) -> list[int]:
     """The accepted prefix of the draft and the token after it (drawn where the draft ran out or was rejected)."""
     accepted: list[int] = []
+    if distribution is None:  # greedy: the same rule, without building one-hot distributions
+        for i, row in enumerate(rows):
+            best = int(np.argmax(_processed(processors, history + accepted, row) if processors else row))
+            if i == len(draft) or best != draft[i]:
+                return accepted + [best]
+            accepted.append(best)
     for i, row in enumerate(rows):
         probs = distribution(_processed(processors, history + accepted, row))
         if i == len(draft):

@@ -14,31 +14,68 @@ import edge
 from edge import generate as gen
 from edge.cache import KVState
 from edge.decoder import Decoder
-from edge.draft import DraftSettings, PromptLookup
+from edge.draft import DraftSettings, PassCosts, PromptLookup
 from edge.sampling import make_distribution, make_processors
 
 
 def test_the_draft_follows_the_latest_earlier_occurrence_of_the_last_ngram():
-    drafter = PromptLookup(DraftSettings(max_draft=4, max_ngram=3, min_ngram=2))
+    settings = DraftSettings(max_draft=4, max_ngram=3, min_ngram=2)
     history = [5, 6, 7, 8, 9, 1, 5, 6, 7, 2, 3, 5, 6, 7]
-    assert drafter.draft(history, room=10) == [2, 3]  # [5, 6, 7] last occurred before [2, 3, 5, 6, 7]: that one
-    assert drafter.draft([1, 2, 3, 4, 9, 3, 4], room=10) == [9, 3]  # no 3-gram match: the 2-gram [3, 4]
-    assert drafter.draft([1, 2, 3, 4, 2], room=10) == []  # a single token is not enough
-    assert drafter.draft(history, room=1) == [2]  # never past the room left
+    # [5, 6, 7] last occurred before [2, 3, 5, 6, 7]: that one
+    assert PromptLookup(settings).lookup(history, 10) == ([2, 3, 5, 6, 7], 3)
+    assert PromptLookup(settings).lookup(history, 1) == ([2], 3)  # never more than asked
+    assert PromptLookup(settings).lookup([1, 2, 3, 4, 9, 3, 4], 10) == ([9, 3, 4], 2)  # no 3-gram: the 2-gram
+    assert PromptLookup(settings).lookup([1, 2, 3, 4, 2], 10) == ([], 0)  # a single token is not enough
+    growing, drafter = [1, 2, 3], PromptLookup(settings)  # one drafter follows a text as it grows
+    found = []
+    for token in [4, 1, 2, 3]:
+        growing.append(token)
+        found.append(drafter.lookup(growing, 5))
+    assert found == [([], 0), ([], 0), ([3, 4, 1, 2], 2), ([4, 1, 2, 3], 3)]
 
 
-def test_the_draft_size_follows_acceptance_and_pauses_after_misses():
-    drafter = PromptLookup(DraftSettings(max_draft=8, patience=2, cooldown=3))
+def costs(*seconds: float) -> PassCosts:
+    """Pass costs by row count, from one row up."""
+    measured = PassCosts()
+    measured.seconds = {rows: s for rows, s in enumerate(seconds, start=1)}
+    return measured
+
+
+def test_the_draft_size_is_the_fastest_for_the_acceptance_and_this_cpus_pass_costs():
+    tiled = costs(1.0, 1.06, 1.09, 1.2, 1.64, 1.8, 1.95, 2.1, 2.27)  # four rows nearly free, the fifth is not
+    drafter = PromptLookup(DraftSettings(max_draft=8), tiled)
+    assert drafter.best_size(0.95, 8) == 8  # a copy: the longest draft
+    assert drafter.best_size(0.7, 8) == 3  # as many as the cheap tile holds
+    assert drafter.best_size(0.7, 2) == 2  # never more than the lookup found
+    assert drafter.best_size(0.03, 8) == 0  # chance matches: plain decoding is faster
+    flat = PromptLookup(DraftSettings(max_draft=8), costs(*[1.0] * 9))
+    assert flat.best_size(0.3, 8) == 8  # where rows cost nothing, draft all
+    assert PassCosts().of(3) == pytest.approx(1.2) and tiled.of(12) == pytest.approx(2.27 * 1.3)
+
+
+def test_acceptance_is_counted_per_ngram_length_and_low_rates_stop_drafting_but_probe():
+    drafter = PromptLookup(DraftSettings(max_draft=8, max_ngram=3, min_ngram=2, probe_after=3),
+                           costs(1.0, 1.06, 1.09, 1.2, 1.64, 1.8, 1.95, 2.1, 2.27))
     history = list(range(20)) * 2
-    assert len(drafter.draft(history, 100)) == 4  # half the most to start with
-    drafter.update(4, 4)
-    assert len(drafter.draft(history, 100)) == 8  # all accepted: twice as many
-    drafter.update(8, 2)
-    assert len(drafter.draft(history, 100)) == 3  # partly: what was accepted and one more
-    drafter.update(3, 0)
-    drafter.update(1, 0)  # rejected outright twice: a pause of 3 steps
-    assert [drafter.draft(history, 100) for _ in range(3)] == [[], [], []]
-    assert drafter.draft(history, 100) == [0]
+    assert len(drafter.draft(history, 100)) == 2 and drafter.last_n == 3  # the prior (0.5) at these costs
+    for _ in range(30):
+        drafter.update(2, 0)  # rejected again and again
+    assert drafter.hits[3] / drafter.trials[3] < 0.01 and drafter.hits[2] == 1.0  # the 2-grams' rate untouched
+    assert [drafter.draft(history, 100) for _ in range(3)] == [[], [], [0]]  # idle, then a one-token probe
+    for _ in range(30):
+        drafter.update(8, 8)
+    assert len(drafter.draft(history, 100)) == 8
+
+
+def test_calibration_times_each_pass_size_and_leaves_the_state_as_it_was(exports):
+    engine = edge.load(exports.bundle("qwen3"), context_length=128, prefix_cache_mb=0)
+    state = engine.decoder.new_state()
+    engine.decoder.prefill(list(range(3, 20)), state)
+    before, measured = state.tokens, PassCosts()
+    gen.calibrate(engine.decoder, state, measured)
+    assert measured.calibrated and sorted(measured.seconds) == list(range(1, 10))
+    assert state.tokens == before and state.offset == 17
+    assert all(s > 0 for s in measured.seconds.values())
 
 
 class MarkovDecoder(Decoder):
@@ -99,7 +136,8 @@ def test_speculative_sampling_draws_from_the_same_distribution(sampling):
         params.seed = seed
         tokens = []
         for t in gen.speculative_step(decoder, decoder.new_state(), PROMPT, params,
-                                      make_processors(params.repetition_penalty, 0, 0, len(PROMPT)), budget=3):
+                                      make_processors(params.repetition_penalty, 0, 0, len(PROMPT)), budget=3,
+                                      drafter=PromptLookup(costs=costs(*[1.0] * 9))):  # draft whatever matches
             tokens.append(t.token)
             drafted, accepted = drafted + t.drafted, accepted + t.accepted
             if len(tokens) == 3:
@@ -163,6 +201,8 @@ def test_max_tokens_and_an_early_stop_leave_the_state_as_plain_decoding_does():
     seq = list(range(100, 112))
     prompt = seq + seq[:4]
     decoder = CopyingDecoder(seq[4:] + seq * 3, len(prompt))  # the answer goes on copying: drafts are accepted
+    flat = gen.pass_costs(decoder)  # as if rows cost nothing: every draft as long as the room allows
+    flat.seconds, flat.calibrated = {rows: 1.0 for rows in range(1, 10)}, True
     for max_tokens in (1, 5, 17):
         states = {}
         for speculate in (False, True):
@@ -175,10 +215,11 @@ def test_max_tokens_and_an_early_stop_leave_the_state_as_plain_decoding_does():
     stream = gen.stream(decoder, NullTokenizer(), prompt, gen.GenerationParams(temperature=0, speculate=True), (),
                         state)
     taken = [next(stream).token for _ in range(4)]
+    flat.seconds = {rows: 1.0 for rows in range(1, 10)}  # the passes so far have timed themselves in
     assert [r.step_tokens for r in gen.stream(decoder, NullTokenizer(), prompt,
                                               gen.GenerationParams(temperature=0, max_tokens=6, speculate=True))] \
         == [1, 5, 0, 0, 0, 0]  # the prefill's token, then a pass of 4 accepted drafts and one more
-    stream.close()  # mid-pass: the consumer took 3 of the second pass's 5 tokens
+    stream.close()  # mid-pass: the consumer took 3 of the second pass's 9 tokens
     assert state.tokens == prompt + taken[:-1]
 
 
