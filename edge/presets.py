@@ -22,6 +22,8 @@ class Preset:
     wide_block: int = 128  # weights per scale of 8-bit weights in a 4-bit preset: 8 bits need fewer scales
     searched: tuple[str, ...] = ()  # roles rounded with searched scales even where the preset says gptq
     damping: float = 0.01  # GPTQ's dampening of the Gram matrix, as a fraction of its mean diagonal
+    asymmetric: bool = False  # the `bits` weights get an integer zero point per block (not lm_head/embedding):
+    # x86's int8-activation kernels take uint4 zero points at full speed; ARM's KleidiAI kernels do not
 
 
 PRESETS = {p.name: p for p in (
@@ -29,6 +31,9 @@ PRESETS = {p.name: p for p in (
            searched=("attn_qkv",), damping=1.0),
     Preset("int4-hq", "int4 with the attention projections at 8 bits too: closest to fp32 of the 4-bit presets",
            bits=4, head_bits=8, raised=("attn_qkv",), searched=("attn_qkv",), damping=1.0),
+    Preset("int4-zp", "int4 with a zero point per 4-bit block, for x86 (ARM's KleidiAI kernels need symmetric "
+           "weights)", bits=4, head_bits=8, searched=("attn_qkv",), damping=1.0,
+           asymmetric=True),
     Preset("int4-plain", "4-bit weights rounded as onnxruntime's quantizer does (onnxruntime-genai's int4)",
            bits=4, head_bits=4, rounding="absmax"),
     Preset("int8", "8-bit weights, searched scales (int8 activations at accuracy level 4)", bits=8, head_bits=8,
@@ -48,22 +53,23 @@ def roles(node_name: str) -> str | None:
     return None
 
 
-def recipe(preset: Preset, node_name: str, tied: bool, block_size: int) -> tuple[int, int, str]:
-    """(bits, block size, rounding) of one MatMul's weight."""
+def recipe(preset: Preset, node_name: str, tied: bool, block_size: int) -> tuple[int, int, str, bool]:
+    """(bits, block size, rounding, asymmetric) of one MatMul's weight."""
     role = roles(node_name)
     if role == "lm_head":
         return head_recipe(preset, tied, block_size)
     rounding = "search" if role in preset.searched and preset.rounding == "gptq" else preset.rounding
     if role in preset.raised:
-        return 8, _wide(preset, block_size), rounding
-    return preset.bits, block_size, rounding
+        return 8, _wide(preset, block_size), rounding, False
+    return preset.bits, block_size, rounding, preset.asymmetric
 
 
-def head_recipe(preset: Preset, tied: bool, block_size: int) -> tuple[int, int, str]:
-    """(bits, block size, rounding) of the output projection. A tied lm_head's bytes are also the embedding table,
-    which GPTQ's compensation (tuned to lm_head's inputs) would distort: it gets searched scales instead."""
+def head_recipe(preset: Preset, tied: bool, block_size: int) -> tuple[int, int, str, bool]:
+    """(bits, block size, rounding, asymmetric) of the output projection. A tied lm_head's bytes are also the
+    embedding table, which GPTQ's compensation (tuned to lm_head's inputs) would distort: it gets searched scales
+    instead. It stays symmetric, so that the embedding gather reads the same bytes without zero points."""
     rounding = "search" if tied and preset.rounding == "gptq" else preset.rounding
-    return preset.head_bits, _wide(preset, block_size) if preset.head_bits == 8 else block_size, rounding
+    return preset.head_bits, _wide(preset, block_size) if preset.head_bits == 8 else block_size, rounding, False
 
 
 def _wide(preset: Preset, block_size: int) -> int:

@@ -4,8 +4,9 @@ onnxruntime's quantizer rounds every block to the grid its largest weight sets (
 best one: a slightly smaller scale clips one outlier but places the other 31 weights of the block on finer steps.
 Here each block's scale is searched for the least squared error, weighted by how much each input channel matters
 (the mean square of the activations that multiply it, measured on the calibration text), the way llama.cpp's
-importance-matrix quantization does. The weights stay symmetric with the format's fixed zero point (8 for 4 bits,
-128 for 8), so the fast int4/int8 kernels run unchanged on x86 and on ARM (KleidiAI takes symmetric weights only).
+importance-matrix quantization does. By default the weights stay symmetric with the format's fixed zero point (8 for
+4 bits, 128 for 8), so the fast int4/int8 kernels run unchanged on x86 and on ARM (KleidiAI takes symmetric weights
+only); asymmetric=True gives each block an integer zero point as well (uint4 zero points keep x86's fast kernel).
 """
 from __future__ import annotations
 
@@ -21,19 +22,21 @@ STEPS, STEP, REFINE = 9, 0.1, 2
 @dataclass(frozen=True)
 class Quantized:
     packed: np.ndarray  # uint8 [N, blocks, block * bits / 8]: MatMulNBits' B (low nibble first for 4 bits)
-    scales: np.ndarray  # float32 [N, blocks]: w = (q - 2^(bits-1)) * scale
+    scales: np.ndarray  # float32 [N, blocks]: w = (q - zero point) * scale
     bits: int
     block_size: int
+    zero_points: np.ndarray | None = None  # uint8 [N, blocks] levels; None: the format's fixed 2^(bits-1)
 
     def dequantized(self) -> np.ndarray:
         """The [K, N] float32 weight that MatMulNBits computes with (for tests and error figures)."""
-        q = unpack(self.packed, self.bits).astype(np.float32) - 2 ** (self.bits - 1)
+        zero = 2 ** (self.bits - 1) if self.zero_points is None else self.zero_points[:, :, None].astype(np.float32)
+        q = unpack(self.packed, self.bits).astype(np.float32) - zero
         w = q * self.scales[:, :, None]
         return w.reshape(w.shape[0], -1).T
 
 
 def quantize(weight: np.ndarray, bits: int, block_size: int, importance: np.ndarray | None = None,
-             search: bool = True) -> Quantized:
+             search: bool = True, asymmetric: bool = False) -> Quantized:
     """weight: a MatMul's [K, N] float32 B. importance: [K] non-negative weights of the squared error per input
     channel (None: the weight's own magnitude). search=False gives onnxruntime's absmax rounding, bit for bit."""
     k, n = weight.shape
@@ -42,14 +45,24 @@ def quantize(weight: np.ndarray, bits: int, block_size: int, importance: np.ndar
     blocks = np.ascontiguousarray(weight.T, dtype=np.float32).reshape(n, k // block_size, block_size)
     nmax = 2 ** (bits - 1)
     if search:
-        q, scales = _search(blocks, nmax, _importance(blocks, importance, block_size))
+        q, scales, low = _search(blocks, nmax, _importance(blocks, importance, block_size), asymmetric)
     else:
         q, scales = _absmax(blocks, nmax)
-    return Quantized(pack((q + nmax).astype(np.uint8), bits), scales.astype(np.float32), bits, block_size)
+        low = np.full(scales.shape, -nmax, np.float32)
+    return _stored(q, scales, low, bits, block_size, asymmetric)
+
+
+def _stored(q: np.ndarray, scales: np.ndarray, low: np.ndarray, bits: int, block_size: int,
+            asymmetric: bool) -> Quantized:
+    """Signed levels q (each block's between low and low + 2^bits - 1) as MatMulNBits' unsigned levels and zero
+    points (-low)."""
+    levels = (q - low[..., None]).astype(np.uint8)
+    zero_points = (-low).astype(np.uint8) if asymmetric else None
+    return Quantized(pack(levels, bits), scales.astype(np.float32), bits, block_size, zero_points)
 
 
 def quantize_compensated(weight: np.ndarray, bits: int, block_size: int, gram: np.ndarray,
-                         damping: float = 0.01) -> Quantized:
+                         damping: float = 0.01, asymmetric: bool = False) -> Quantized:
     """GPTQ (Frantar et al., 2022): input channels are rounded one at a time and each one's rounding error,
     weighted by the inverse of the calibration activations' Gram matrix X^T X / T, is pushed onto the channels
     not yet rounded, so that the layer's output on that data, not its weights, stays as close as possible. Each
@@ -68,22 +81,23 @@ def quantize_compensated(weight: np.ndarray, bits: int, block_size: int, gram: n
     energy = np.diag(gram).astype(np.float64)
     levels = np.empty((n, k), np.float32)
     scales = np.empty((n, k // block_size), np.float32)
+    lows = np.empty((n, k // block_size), np.float32)
     for start in range(0, k, block_size):  # one block of channels at a time; the rest updated lazily
         end = start + block_size
         block = w[:, start:end]
-        q, scale = _search(block[:, None, :].astype(np.float32), nmax, np.broadcast_to(
-            (energy[start:end] + 0.01 * energy.mean() + 1e-12).astype(np.float32), (n, 1, block_size)))
-        scales[:, start // block_size] = scale[:, 0]
+        _, scale, low = _search(block[:, None, :].astype(np.float32), nmax, np.broadcast_to(
+            (energy[start:end] + 0.01 * energy.mean() + 1e-12).astype(np.float32), (n, 1, block_size)), asymmetric)
+        scales[:, start // block_size], lows[:, start // block_size] = scale[:, 0], low[:, 0]
+        safe, low = np.where(scale[:, 0] == 0, 1, scale[:, 0]), low[:, 0]
         errors = np.empty((n, block_size))
         for i in range(block_size):
             col = start + i
-            level = np.clip(np.round(block[:, i] / np.where(scale[:, 0] == 0, 1, scale[:, 0])), -nmax, nmax - 1)
+            level = np.clip(np.round(block[:, i] / safe), low, low + 2 * nmax - 1)
             levels[:, col] = level
             errors[:, i] = (block[:, i] - level * scale[:, 0]) / hinv[col, col]
             block[:, i:] -= errors[:, i:i + 1] * hinv[col, col:end][None, :]
         w[:, end:] -= errors @ hinv[start:end, end:]
-    q = levels.reshape(n, k // block_size, block_size)
-    return Quantized(pack((q + nmax).astype(np.uint8), bits), scales, bits, block_size)
+    return _stored(levels.reshape(n, k // block_size, block_size), scales, lows, bits, block_size, asymmetric)
 
 
 def _absmax(blocks: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +119,33 @@ def _importance(blocks: np.ndarray, importance: np.ndarray | None, block_size: i
     return np.broadcast_to(channel.reshape(1, -1, block_size), blocks.shape)
 
 
-def _search(blocks: np.ndarray, nmax: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _search(blocks: np.ndarray, nmax: int, weights: np.ndarray,
+            asymmetric: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(signed levels, scale, lowest level) of least weighted squared error per block: symmetric candidates around
+    absmax (lowest level -nmax), and with asymmetric=True also min-max candidates with an integer zero point."""
+    q, scale = _search_symmetric(blocks, nmax, weights)
+    low = np.full(scale.shape, -nmax, np.float32)
+    if not asymmetric:
+        return q, scale, low
+    err = _error(blocks, weights, q, scale)
+    span = 2 * nmax - 1
+    lo, hi = blocks.min(-1), blocks.max(-1)
+    width = np.where(hi > lo, hi - lo, 1)
+    for i in range(-STEPS, STEPS + 1):  # the range spread over span + STEP * i steps, then refined
+        s = width / (span + STEP * i)
+        for _ in range(REFINE + 1):
+            zero = np.clip(np.round(-lo / s), 0, span)
+            cand_q = np.clip(np.round(blocks / s[..., None]), -zero[..., None], (span - zero)[..., None])
+            s = _fit(blocks, weights, cand_q)
+            s = np.where(s > 0, s, width / span)
+        cand_err = _error(blocks, weights, cand_q, s)
+        better = cand_err < err
+        err, scale = np.where(better, cand_err, err), np.where(better, s, scale)
+        q, low = np.where(better[..., None], cand_q, q), np.where(better, -zero, low)
+    return q, scale, low.astype(np.float32)
+
+
+def _search_symmetric(blocks: np.ndarray, nmax: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The scale of least weighted squared error per block, over candidates around absmax."""
     best_q, best_scale = _absmax(blocks, nmax)
     best_err = _error(blocks, weights, best_q, best_scale)

@@ -40,7 +40,7 @@ def to_preset(model: onnx.ModelProto, preset, block_size: int | None, accuracy_l
     block_size = block_size or preset.block_size
     check_block_size(block_size)
     hidden = _initializers(model)[_find_embedding(model).input[0]].dims[1]
-    head_bits, head_block, _ = head_recipe(preset, True, block_size)
+    head_bits, head_block, _, _ = head_recipe(preset, True, block_size)
     head_block = fitted_block(hidden, head_block)
     share = _tied(model) if head_block else None
     if not share:
@@ -49,10 +49,10 @@ def to_preset(model: onnx.ModelProto, preset, block_size: int | None, accuracy_l
     plan = {}
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.input[1] in inits:
-            bits, block, rounding = recipe(preset, node.name, bool(share), block_size)
+            bits, block, rounding, asymmetric = recipe(preset, node.name, bool(share), block_size)
             block = fitted_block(inits[node.input[1]].dims[0], block)
             if block:
-                plan[node.name] = (bits, block, rounding)
+                plan[node.name] = (bits, block, rounding, asymmetric)
     model = to_nbits(model, plan, accuracy_level, grams, preset.damping)
     if share:
         _gather_from_lm_head(model, head_block, bits=head_bits)
@@ -165,10 +165,10 @@ def check_block_size(block_size: int) -> None:
         raise ExportError(f"--block-size must be a power of two >= 16, not {block_size}")
 
 
-def to_nbits(model: onnx.ModelProto, plan: dict[str, tuple[int, int, str]], accuracy_level: int,
+def to_nbits(model: onnx.ModelProto, plan: dict[str, tuple[int, int, str, bool]], accuracy_level: int,
              grams: dict[str, np.ndarray] | None = None, damping: float = 0.01) -> onnx.ModelProto:
-    """Every MatMul named in plan (node name -> (bits, block size, rounding)) as MatMulNBits, rounded by
-    export/blockwise.py."""
+    """Every MatMul named in plan (node name -> (bits, block size, rounding, asymmetric)) as MatMulNBits, rounded
+    by export/blockwise.py."""
     from edge.export import blockwise
 
     inits = _initializers(model)
@@ -176,18 +176,22 @@ def to_nbits(model: onnx.ModelProto, plan: dict[str, tuple[int, int, str]], accu
         if node.name not in plan:
             continue
         weight = numpy_helper.to_array(inits[node.input[1]])
-        bits, block_size, rounding = plan[node.name]
+        bits, block_size, rounding, asymmetric = plan[node.name]
         gram = (grams or {}).get(node.name)
         if rounding == "gptq" and gram is not None:
-            q = blockwise.quantize_compensated(weight, bits, block_size, gram, damping)
+            q = blockwise.quantize_compensated(weight, bits, block_size, gram, damping, asymmetric)
         else:
             importance = None if gram is None else np.diag(gram)
-            q = blockwise.quantize(weight, bits, block_size, importance, search=rounding != "absmax")
+            q = blockwise.quantize(weight, bits, block_size, importance, rounding != "absmax", asymmetric)
         k, n = weight.shape
         packed, scales = f"{node.input[1]}_Q{bits}", f"{node.input[1]}_scales"
         model.graph.initializer.extend([numpy_helper.from_array(q.packed, packed),
                                         numpy_helper.from_array(q.scales.reshape(-1), scales)])
-        replacement = helper.make_node("MatMulNBits", [node.input[0], packed, scales], list(node.output),
+        inputs = [node.input[0], packed, scales]
+        if q.zero_points is not None:
+            inputs.append(f"{node.input[1]}_zero_points")
+            model.graph.initializer.append(numpy_helper.from_array(_packed_zero_points(q), inputs[-1]))
+        replacement = helper.make_node("MatMulNBits", inputs, list(node.output),
                                        name=f"{node.name}_Q{bits}", domain="com.microsoft", K=k, N=n, bits=bits,
                                        block_size=block_size, accuracy_level=accuracy_level)
         model.graph.node.remove(node)
@@ -195,6 +199,17 @@ def to_nbits(model: onnx.ModelProto, plan: dict[str, tuple[int, int, str]], accu
         if not any(node.input[1] in other.input for other in model.graph.node):
             _remove_initializer(model, node.input[1])
     return model
+
+
+def _packed_zero_points(q) -> np.ndarray:
+    """MatMulNBits' uint8 zero points: per output row, 8 bits each, or for 4 bits two per byte (low nibble first,
+    a row of odd block count padded)."""
+    zero = q.zero_points
+    if q.bits == 4:
+        if zero.shape[1] % 2:
+            zero = np.concatenate([zero, np.zeros((zero.shape[0], 1), np.uint8)], 1)
+        zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
+    return np.ascontiguousarray(zero, np.uint8).reshape(-1)
 
 
 def _blockwise(model: onnx.ModelProto, bits: int, block_size: int, ops: tuple[str, ...],

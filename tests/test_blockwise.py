@@ -29,8 +29,8 @@ def activations(seed: int = 1, rows: int = 512) -> np.ndarray:
 
 def one_matmul(w: np.ndarray) -> onnx.ModelProto:
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="/lm_head/MatMul")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, w.shape[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, w.shape[1]])],
                               [numpy_helper.from_array(w, "w")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -54,21 +54,47 @@ def test_absmax_rounding_is_onnxruntimes_bit_for_bit(bits):
     assert np.array_equal(theirs["w_scales"].reshape(ours.scales.shape), ours.scales)
 
 
-@pytest.mark.parametrize("bits, rounding", [(4, "absmax"), (4, "search"), (4, "gptq"), (8, "search")])
-def test_matmulnbits_computes_with_the_dequantized_weight(bits, rounding):
-    """Our bytes in onnxruntime's kernel (accuracy level 0: fp32 compute) equal x @ dequantized()."""
+@pytest.mark.parametrize("bits, rounding, asymmetric, block", [
+    (4, "absmax", False, 32), (4, "search", False, 32), (4, "gptq", False, 32), (8, "search", False, 32),
+    (4, "search", True, 32), (4, "gptq", True, 32), (4, "gptq", True, 64), (8, "search", True, 32)])
+def test_matmulnbits_computes_with_the_dequantized_weight(bits, rounding, asymmetric, block):
+    """Our bytes and zero points in onnxruntime's kernel (accuracy level 0: fp32 compute) equal x @ dequantized().
+    K=128 in blocks of 64 is two blocks per row; trimmed to K=96 in blocks of 32, three: an odd count, whose 4-bit
+    zero points are padded per row."""
     from edge.export.quantize import to_nbits
 
     w, x = weight(), activations(rows=8)
+    if block == 32 and asymmetric:
+        w, x = w[:96], x[:, :96]
     gram = x.T @ x / len(x)
-    model = to_nbits(one_matmul(w), {"/lm_head/MatMul": (bits, 32, rounding)}, accuracy_level=0,
+    model = to_nbits(one_matmul(w), {"/lm_head/MatMul": (bits, block, rounding, asymmetric)}, accuracy_level=0,
                      grams={"/lm_head/MatMul": gram})
     assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]
+    assert len(model.graph.node[0].input) == (4 if asymmetric else 3)
     if rounding == "gptq":
-        q = blockwise.quantize_compensated(w, bits, 32, gram)
+        q = blockwise.quantize_compensated(w, bits, block, gram, asymmetric=asymmetric)
     else:
-        q = blockwise.quantize(w, bits, 32, np.diag(gram), search=rounding != "absmax")
+        q = blockwise.quantize(w, bits, block, np.diag(gram), search=rounding != "absmax", asymmetric=asymmetric)
+    assert (q.zero_points is not None) == asymmetric
     np.testing.assert_allclose(run(model, x), x.astype(np.float32) @ q.dequantized(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("compensated", [False, True])
+def test_zero_points_lose_less_than_symmetric_weights(compensated):
+    """A block of shifted weights (trained weights often are) wastes half the symmetric grid; a zero point per
+    block recovers it, on the weighted weight error and on the layer's output alike."""
+    w, x = weight() + 0.5 * np.random.default_rng(2).standard_normal(N).astype(np.float32), activations()
+    gram = x.T @ x / len(x)
+    energy = np.diag(gram)
+    errors = {}
+    for asymmetric in (False, True):
+        q = (blockwise.quantize_compensated(w, 4, 32, gram, asymmetric=asymmetric) if compensated
+             else blockwise.quantize(w, 4, 32, energy, asymmetric=asymmetric))
+        levels = blockwise.unpack(q.packed, 4)
+        assert levels.max() <= 15 and (q.zero_points is None or q.zero_points.max() <= 15)
+        errors[asymmetric] = (float((energy[:, None] * (w - q.dequantized()) ** 2).sum()),
+                              float(((x @ (w - q.dequantized())) ** 2).mean()))
+    assert errors[True][0] < errors[False][0] * 0.9 and errors[True][1] < errors[False][1] * 0.9, errors
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -95,7 +121,8 @@ def test_gptq_keeps_the_layer_output_closer_than_searched_scales():
 def test_a_block_of_zeros_stays_zero():
     w = weight()
     w[:32, 0] = 0
-    for q in (blockwise.quantize(w, 4, 32), blockwise.quantize(w, 4, 32, search=False)):
+    for q in (blockwise.quantize(w, 4, 32), blockwise.quantize(w, 4, 32, search=False),
+              blockwise.quantize(w, 4, 32, asymmetric=True)):
         assert np.all(q.dequantized()[:32, 0] == 0) and np.isfinite(q.scales).all()
 
 

@@ -23,6 +23,18 @@ def test_run_demo_streams_the_continuation():
     assert result.stdout == run_edge("run", "demo", "--max-tokens", "20", stdin="Once upon a time").stdout
 
 
+def test_every_command_prints_its_help(capsys):
+    """argparse formats help text with %: a stray one in a preset summary or a parameter's help breaks --help."""
+    from edge.cli import parser
+
+    commands = parser()._subparsers._group_actions[0].choices
+    assert "export" in commands
+    for name in commands:
+        with pytest.raises(SystemExit) as done:
+            parser().parse_args([name, "--help"])
+        assert done.value.code == 0 and "usage" in capsys.readouterr().out
+
+
 def test_run_flags_reach_the_sampler():
     args = ["run", "demo", "Once upon a time", "--max-tokens", "30", "--temperature", "1.0", "--top-k", "40",
             "--top-p", "0.9", "--min-p", "0.02", "--repetition-penalty", "1.1"]

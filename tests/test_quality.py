@@ -15,7 +15,7 @@ from edge.presets import PRESETS
 TEXT = (Path(__file__).parent / "data" / "story.txt").read_text(encoding="utf-8")
 # (perplexity ratio below, top-1 agreement above) against the fp32 bundle, accuracy level 4; measured on this
 # project's x86 machine (README, "Quantization"), with room for other CPUs' int8 activation rounding
-BOUNDS = {"int4-plain": (1.2, 0.65), "int4": (1.08, 0.74), "int4-hq": (1.08, 0.76), "int8": (1.01, 0.95)}
+BOUNDS = {"int4-plain": (1.2, 0.65), "int4": (1.08, 0.74), "int4-hq": (1.08, 0.76), "int4-zp": (1.08, 0.74), "int8": (1.01, 0.95)}
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_the_presets_lose_less_than_plain_int4(exports):
             (quant, f, plain)
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("quant", ["int8", "int4", "int4-zp"])
 def test_quantized_bundles_store_the_tied_embedding_once(exports, quant):
     import onnx
 
