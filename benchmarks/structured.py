@@ -7,12 +7,14 @@ validity: `edge serve BUNDLE` in a child process, asked through the official ope
 benchmarks/structured.json at each seed (max_tokens 256): counts of answers that end with finish_reason stop, parse,
 and validate (jsonschema); json_object answers to the same prompts must parse.
 cost: in this process, greedy, alternated rounds of the same prompt unconstrained (ignore_eos, so it runs the whole
-length) and constrained by a fixed schema whose shortest answer is longer than --new-tokens: the median
-milliseconds per token from the first token to the last, and their ratio.
+length) and constrained by a fixed schema whose shortest answer is longer than --new-tokens, as served (the
+grammar's forced tokens drafted) and one token per pass (the mask's own cost): the median milliseconds per token
+from the first token to the last, and their ratios.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -99,16 +101,37 @@ def cost(bundle: str, runs: int, new_tokens: int, threads: int) -> dict:
     messages = [user(COST_PROMPT)] if engine.chat_template is not None else None
     prompt = None if messages else COST_PROMPT
     engine.params(json_schema=LONG)  # compiled once, as a server does for a schema it sees again
-    times: dict[str, list[float]] = {"free": [], "constrained": []}
+    times: dict[str, list[float]] = {"free": [], "constrained": [], "one_per_pass": []}
     tokens = {}
+    rounds = (("free", {"ignore_eos": True}), ("constrained", {"json_schema": LONG}),
+              ("one_per_pass", {"json_schema": LONG}))
     for _ in range(runs + 1):  # the first round warms up and is dropped
-        for label, fields in (("free", {"ignore_eos": True}), ("constrained", {"json_schema": LONG})):
-            records = list(engine.stream(prompt, messages, temperature=0, max_tokens=new_tokens, **fields))
+        for label, fields in rounds:
+            with _single_rows(engine.decoder, label == "one_per_pass"):
+                records = list(engine.stream(prompt, messages, temperature=0, max_tokens=new_tokens, **fields))
             times[label].append(1000 / decode_rate(records))
             tokens[label] = len(records)
-    free, constrained = (statistics.median(times[k][1:]) for k in ("free", "constrained"))
-    return {"ms_per_token_free": free, "ms_per_token_constrained": constrained, "ratio": constrained / free,
-            "tokens": tokens, "vocab": engine.decoder.shape["vocab_size"], "runs": runs}
+    ms = {k: statistics.median(v[1:]) for k, v in times.items()}
+    return {"ms_per_token_free": ms["free"], "ms_per_token_constrained": ms["constrained"],
+            "ratio": ms["constrained"] / ms["free"], "ms_per_token_one_per_pass": ms["one_per_pass"],
+            "ratio_one_per_pass": ms["one_per_pass"] / ms["free"], "tokens": tokens,
+            "vocab": engine.decoder.shape["vocab_size"], "runs": runs}
+
+
+@contextlib.contextmanager
+def _single_rows(decoder, single: bool):
+    """The decoder as one that returns only the last position's logits: constrained output one token per pass,
+    without drafting the grammar's forced tokens (what the mask alone costs)."""
+    if not single:
+        yield
+        return
+    kind = type(decoder)
+    saved = kind.verifies
+    kind.verifies = property(lambda self: False)
+    try:
+        yield
+    finally:
+        kind.verifies = saved
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -342,6 +342,14 @@ class Matcher:
         self._settle()
         return self._m.validate_tokens([int(t) for t in draft])
 
+    def forced(self, history: Sequence[int]) -> list[int]:
+        """The tokens the grammar forces after the history (a key, a closing quote and colon): the only text that
+        can follow, as the tokenizer writes it. Drafted, they are verified like any draft: where the model would
+        spell the same text with other tokens, its own choice wins."""
+        self.sync(history)
+        self._settle()
+        return list(self._m.compute_ff_tokens())
+
     @property
     def finished(self) -> bool:
         """No token but end-of-sequence can follow: the structure is complete."""

@@ -134,7 +134,7 @@ def step(decoder: Decoder, state: KVState, prompt: Sequence[int], sampler: Sampl
 
 def speculative_step(decoder: Decoder, state: KVState, prompt: Sequence[int], params: GenerationParams,
                      processors: list[Processor], budget: int, drafter: PromptLookup | None = None,
-                     matcher: Matcher | None = None) -> Iterator[Token]:
+                     matcher: Matcher | None = None, lookup: bool = True) -> Iterator[Token]:
     """As step, but each pass after the prefill feeds the last token and a draft of the tokens after it, and
     yields the draft's longest accepted prefix and one more token. Exact in distribution: a drafted token is
     accepted with its probability under the final sampling distribution at its position (penalties seeing the
@@ -142,23 +142,24 @@ def speculative_step(decoder: Decoder, state: KVState, prompt: Sequence[int], pa
     with a draft that is certain of its guess); greedy accepts exactly the argmax. budget: the most tokens the
     consumer will take (drafts never run past it). The state is left as step leaves it, however far the last
     pass got or wherever the consumer stops. matcher: a constraint's, also among the processors; drafts are cut
-    where it would refuse them."""
+    where it would refuse them, and the tokens it forces are drafted before any lookup. lookup=False drafts only
+    those (constrained output without speculation: a JSON key costs one pass, not one per token)."""
     _check_prefix(state, prompt)
     costs = pass_costs(decoder)
     drafter = drafter or PromptLookup(costs=costs)
     distribution = (None if params.temperature == 0 else
                     make_distribution(params.temperature, params.top_k, params.top_p, params.min_p))
     rng = np.random.default_rng(params.seed)
-    history, draft = list(prompt), []
+    history, draft, looked_up = list(prompt), [], 0
     started = time.perf_counter()
     rows = decoder.prefill(prompt[state.offset:], state)[None]
     spent = time.perf_counter() - started
-    if not costs.calibrated:
+    if lookup and not costs.calibrated:
         calibrate(decoder, state, costs)
     try:
         while True:  # one forward pass per round: rows[i] predicts the token after draft[:i]
             tokens = _accept(rows, draft, processors, distribution, rng, history)
-            drafter.update(len(draft), len(tokens) - 1)
+            drafter.update(looked_up, min(looked_up, len(tokens) - 1))  # forced drafts teach the lookup nothing
             state.trim(state.offset - (len(draft) - (len(tokens) - 1)))  # the rejected drafts' keys go
             for i, token in enumerate(tokens):
                 history.append(token)
@@ -166,9 +167,13 @@ def speculative_step(decoder: Decoder, state: KVState, prompt: Sequence[int], pa
                 yield _token(rows[i], token, params.top_logprobs, spent if first else 0.0)._replace(
                     step_tokens=len(tokens) if first else 0, drafted=len(draft) if first else 0)
             room = min(budget - (len(history) - len(prompt)), decoder.context_length - state.offset) - 1
-            draft = drafter.draft(history, room)
-            if matcher is not None:
+            forced = matcher.forced(history)[:min(room, MAX_FORCED)] if matcher is not None and room > 0 else []
+            draft = forced or (drafter.draft(history, room) if lookup else [])
+            if matcher is not None and not forced:
                 draft = draft[:matcher.valid(history, draft)]
+            looked_up = 0 if forced else len(draft)
+            if matcher is not None:
+                matcher.ahead(history)  # the first row's mask, computed while the pass runs
             started = time.perf_counter()
             rows = decoder.forward([history[-1]] + draft, state, keep=1 + len(draft))[-1 - len(draft):]
             spent = time.perf_counter() - started
@@ -178,6 +183,7 @@ def speculative_step(decoder: Decoder, state: KVState, prompt: Sequence[int], pa
             state.trim(len(history) - 1)
 
 
+MAX_FORCED = 32  # forced tokens drafted in one pass: a long literal is split over a few passes
 _costs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -293,8 +299,9 @@ def _records(decoder: Decoder, tokenizer: Tokenizer, prompt: Sequence[int], para
     matcher = params.constraint.start(len(prompt)) if params.constraint is not None else None
     if matcher is not None:
         processors.append(matcher)  # last: the mask decides what may follow whatever the penalties did
-    if params.speculate and decoder.verifies:
-        steps = speculative_step(decoder, state, prompt, params, processors, limit, matcher=matcher)
+    if decoder.verifies and (params.speculate or matcher is not None):
+        steps = speculative_step(decoder, state, prompt, params, processors, limit, matcher=matcher,
+                                 lookup=params.speculate)
     else:
         steps = step(decoder, state, prompt, sampler, processors, params.top_logprobs,
                      matcher.ahead if matcher is not None else None)

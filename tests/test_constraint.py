@@ -129,6 +129,24 @@ def test_every_family_writes_output_that_matches(exports, name):
     assert engine.generate(prompt, temperature=0, max_tokens=240, json_schema=PERSON, speculate=True) == plain
 
 
+@pytest.mark.parametrize("name", FAST)
+def test_forced_tokens_are_drafted_and_greedy_output_is_unchanged(exports, name, monkeypatch):
+    """A schema's keys and punctuation are the only text that can follow: drafted, many tokens cost one pass, and
+    greedy output is still what one token per pass writes (each forced token is verified like any draft)."""
+    engine = edge.load(exports.bundle(name), context_length=256, prefix_cache_mb=0)
+    if not engine.decoder.verifies:
+        pytest.skip("this graph returns the last position's logits only")
+    drafted = list(engine.stream("Hello", temperature=0, max_tokens=240, json_schema=PERSON))
+    passes = [r for r in drafted if r.step_tokens]
+    # the keys are forced; the whitespace around punctuation is free (JSON_OPTIONS), so it is drafted in pieces
+    assert sum(r.accepted for r in passes) >= 2 and len(passes) < len(drafted)
+    monkeypatch.setattr(type(engine.decoder), "verifies", property(lambda self: False))
+    single = list(engine.stream("Hello", temperature=0, max_tokens=240, json_schema=PERSON))
+    assert all(r.step_tokens == 1 for r in single)
+    assert [r.token for r in drafted] == [r.token for r in single]
+    assert [r.finish_reason for r in drafted] == [r.finish_reason for r in single]
+
+
 def test_stop_strings_max_tokens_and_logprobs_within_a_structure(exports):
     engine = edge.load(exports.bundle("qwen3"), context_length=256, prefix_cache_mb=0)
     whole = list(engine.stream("Hi", temperature=0, max_tokens=120, json_schema=PERSON, top_logprobs=2))
