@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import edge
 from edge.bench import decode_rate, user
@@ -107,7 +108,7 @@ def cost(bundle: str, runs: int, new_tokens: int, threads: int) -> dict:
               ("one_per_pass", {"json_schema": LONG}))
     for _ in range(runs + 1):  # the first round warms up and is dropped
         for label, fields in rounds:
-            with _single_rows(engine.decoder, label == "one_per_pass"):
+            with _last_row_only(engine.decoder) if label == "one_per_pass" else contextlib.nullcontext():
                 records = list(engine.stream(prompt, messages, temperature=0, max_tokens=new_tokens, **fields))
             times[label].append(1000 / decode_rate(records))
             tokens[label] = len(records)
@@ -118,20 +119,10 @@ def cost(bundle: str, runs: int, new_tokens: int, threads: int) -> dict:
             "vocab": engine.decoder.shape["vocab_size"], "runs": runs}
 
 
-@contextlib.contextmanager
-def _single_rows(decoder, single: bool):
+def _last_row_only(decoder):
     """The decoder as one that returns only the last position's logits: constrained output one token per pass,
     without drafting the grammar's forced tokens (what the mask alone costs)."""
-    if not single:
-        yield
-        return
-    kind = type(decoder)
-    saved = kind.verifies
-    kind.verifies = property(lambda self: False)
-    try:
-        yield
-    finally:
-        kind.verifies = saved
+    return mock.patch.object(type(decoder), "verifies", property(lambda self: False))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,6 +132,9 @@ def step(decoder: Decoder, state: KVState, prompt: Sequence[int], sampler: Sampl
         spent = time.perf_counter() - started
 
 
+MAX_FORCED = 32  # a constraint's forced tokens drafted in one pass: a long literal is split over a few passes
+
+
 def speculative_step(decoder: Decoder, state: KVState, prompt: Sequence[int], params: GenerationParams,
                      processors: list[Processor], budget: int, drafter: PromptLookup | None = None,
                      matcher: Matcher | None = None, lookup: bool = True) -> Iterator[Token]:
@@ -183,7 +186,6 @@ def speculative_step(decoder: Decoder, state: KVState, prompt: Sequence[int], pa
             state.trim(len(history) - 1)
 
 
-MAX_FORCED = 32  # forced tokens drafted in one pass: a long literal is split over a few passes
 _costs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

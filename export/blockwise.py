@@ -34,6 +34,14 @@ class Quantized:
         w = q * self.scales[:, :, None]
         return w.reshape(w.shape[0], -1).T
 
+    def packed_zero_points(self) -> np.ndarray:
+        """MatMulNBits' uint8 zero points, flat: per output row, packed as the levels are (a 4-bit row of odd
+        block count padded to whole bytes)."""
+        zero = self.zero_points
+        if self.bits == 4 and zero.shape[1] % 2:
+            zero = np.pad(zero, ((0, 0), (0, 1)))
+        return np.ascontiguousarray(pack(zero, self.bits)).reshape(-1)
+
 
 def quantize(weight: np.ndarray, bits: int, block_size: int, importance: np.ndarray | None = None,
              search: bool = True, asymmetric: bool = False) -> Quantized:

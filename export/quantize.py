@@ -190,7 +190,7 @@ def to_nbits(model: onnx.ModelProto, plan: dict[str, tuple[int, int, str, bool]]
         inputs = [node.input[0], packed, scales]
         if q.zero_points is not None:
             inputs.append(f"{node.input[1]}_zero_points")
-            model.graph.initializer.append(numpy_helper.from_array(_packed_zero_points(q), inputs[-1]))
+            model.graph.initializer.append(numpy_helper.from_array(q.packed_zero_points(), inputs[-1]))
         replacement = helper.make_node("MatMulNBits", inputs, list(node.output),
                                        name=f"{node.name}_Q{bits}", domain="com.microsoft", K=k, N=n, bits=bits,
                                        block_size=block_size, accuracy_level=accuracy_level)
@@ -199,17 +199,6 @@ def to_nbits(model: onnx.ModelProto, plan: dict[str, tuple[int, int, str, bool]]
         if not any(node.input[1] in other.input for other in model.graph.node):
             _remove_initializer(model, node.input[1])
     return model
-
-
-def _packed_zero_points(q) -> np.ndarray:
-    """MatMulNBits' uint8 zero points: per output row, 8 bits each, or for 4 bits two per byte (low nibble first,
-    a row of odd block count padded)."""
-    zero = q.zero_points
-    if q.bits == 4:
-        if zero.shape[1] % 2:
-            zero = np.concatenate([zero, np.zeros((zero.shape[0], 1), np.uint8)], 1)
-        zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
-    return np.ascontiguousarray(zero, np.uint8).reshape(-1)
 
 
 def _blockwise(model: onnx.ModelProto, bits: int, block_size: int, ops: tuple[str, ...],
