@@ -161,6 +161,10 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--speculate-set", metavar="FILE",
                        help="instead: greedy decode speed with speculative decoding and without, for the grounded and "
                             "open-ended prompts in FILE (benchmarks/speculate.json in a checkout; --new-tokens each)")
+    bench.add_argument("--profile-ops", action="store_true",
+                       help="one decode step's time split by part (each MatMul role, attention, norms, onnxruntime "
+                            "between nodes, host) against the bytes each part reads, and the share of this "
+                            "machine's read bandwidth reached")
     bench.set_defaults(func=cmd_bench)
 
     devices = sub.add_parser("devices", help="list the device profiles, or show one")
@@ -449,6 +453,13 @@ def cmd_bench(args) -> int:
     from edge.bench import alternate, edge_runner, table
     from edge.engine import resolve
 
+    if args.profile_ops:
+        from edge import budget
+
+        figures = budget.measure(str(resolve(args.bundle)), args.profile, args.threads, args.prompt_tokens,
+                                 args.new_tokens)
+        print(json.dumps(figures, indent=2) if args.json else budget.table(figures))
+        return 0
     if args.speculate_set:
         from edge.bench import speculation, speculation_table
 

@@ -103,6 +103,20 @@ def make_session(model: Path, profile: Profile, model_sha256: str = "") -> ort.I
     return _create_and_cache(model, profile, wanted, cached)
 
 
+def make_profiled_session(model: Path, profile: Profile, folder: Path) -> tuple[ort.InferenceSession, Path]:
+    """A session that records every node's kernel time (onnxruntime's profiler; `end_profiling()` writes the JSON
+    into `folder` and returns its name), and the graph it runs as optimized, saved in `folder` so that its node
+    names and weights can be read. For `edge bench --profile-ops` only."""
+    options = session_options(profile)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(folder / "ops")
+    optimized = folder / "optimized.onnx"
+    options.optimized_model_filepath = str(optimized)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    return _create(model, options, providers(profile)), optimized
+
+
 def _create(model: Path, options: ort.SessionOptions, wanted: list[tuple[str, dict]]) -> ort.InferenceSession:
     try:
         session = ort.InferenceSession(str(model), sess_options=options, providers=[n for n, _ in wanted],
