@@ -12,7 +12,8 @@ its own. None of them is a dependency of edge-llm:
   as ours (in this environment, from the export extra).
 - llamacpp: llama.cpp q4_0 through llama-cpp-python, when an environment has it (it builds from source for ~26
   minutes, so it is never built here): the GGUF is converted and quantized in that environment
-  (benchmarks/llamacpp.py).
+  (benchmarks/llamacpp.py). llamacpp-q4_k_m: the same with Q4_K_M. Where batched prompt evaluation crashes, the
+  prefill falls back to one token at a time (said on stderr).
 """
 from __future__ import annotations
 
@@ -160,18 +161,32 @@ def optimum_runner(hf_dir: Path, threads: int):
                                                    threads)
 
 
-def llamacpp_runner(hf_dir: Path, threads: int, venv: str | None):
-    """llama.cpp q4_0 through llama-cpp-python, from the environment that has it (it compiles for ~26 minutes here,
-    so it is never built here)."""
+def llamacpp_runner(hf_dir: Path, threads: int, venv: str | None, ftype: str = "q4_0"):
+    """llama.cpp (q4_0, or another of llamacpp.py's types) through llama-cpp-python, from the environment that has
+    it (it compiles for ~26 minutes here, so it is never built here). Where its batched prompt evaluation crashes
+    (seen with q4_0 on an AVX-512/AMX CPU), it prefills one token at a time from then on, and says so."""
     python = _llamacpp_python(venv)
-    out = CACHE / f"llamacpp-{_key(hf_dir)}.gguf"
+    out = CACHE / f"llamacpp-{_key(hf_dir)}-{ftype}.gguf"
     script = str(Path(__file__).with_name("llamacpp.py"))
     if not out.exists():
-        done = subprocess.run([python, script, "convert", str(hf_dir), str(out)], capture_output=True, text=True)
+        done = subprocess.run([python, script, "convert", str(hf_dir), str(out), ftype], capture_output=True,
+                              text=True)
         if done.returncode != 0:
             out.unlink(missing_ok=True)
             raise PeerUnavailable(f"the GGUF conversion failed: {done.stderr.strip()[-600:]}")
-    return lambda prompt_tokens, new_tokens: child(python, script, "run", out, prompt_tokens, new_tokens, threads)
+    batch = [512]
+
+    def run(prompt_tokens: int, new_tokens: int) -> dict:
+        try:
+            return child(python, script, "run", out, prompt_tokens, new_tokens, threads, batch[0])
+        except RuntimeError as e:
+            if batch[0] == 1:
+                raise
+            print(f"compare: llama.cpp {ftype}: batched prompt evaluation failed ({str(e)[-200:]}); its prefill "
+                  f"is one token at a time from here on", file=sys.stderr)
+            batch[0] = 1
+            return run(prompt_tokens, new_tokens)
+    return run
 
 
 def _llamacpp_python(venv: str | None) -> str:
@@ -200,7 +215,8 @@ def runners(hf_dir: str, peers: list[str], threads: int, genai_venv: str | None 
     """name -> run(prompt_tokens, new_tokens) for each peer that can run here; the others are reported."""
     makers = {"genai": lambda: genai_runner(Path(hf_dir), threads, genai_venv),
               "optimum": lambda: optimum_runner(Path(hf_dir), threads),
-              "llamacpp": lambda: llamacpp_runner(Path(hf_dir), threads, llamacpp_venv)}
+              "llamacpp": lambda: llamacpp_runner(Path(hf_dir), threads, llamacpp_venv),
+              "llamacpp-q4_k_m": lambda: llamacpp_runner(Path(hf_dir), threads, llamacpp_venv, "q4_k_m")}
     ready = {}
     for name in peers:
         if name not in makers:

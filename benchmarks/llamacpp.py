@@ -3,7 +3,7 @@
 Runs as a script inside llama-cpp-python's own environment (numpy, gguf, llama_cpp; nothing of edge-llm):
 
     python llamacpp.py convert HF_DIR OUT.gguf [q4_0|q4_k_m|q8_0|f16]  # f16 GGUF, then llama.cpp's quantizer
-    python llamacpp.py run OUT.gguf PROMPT_TOKENS NEW_TOKENS THREADS
+    python llamacpp.py run OUT.gguf PROMPT_TOKENS NEW_TOKENS THREADS [N_BATCH=512]
     python llamacpp.py logits OUT.gguf IDS.json OUT.npy THREADS       # teacher-forced logits (benchmarks/quality.py)
 
 The conversion writes an f16 GGUF of a Llama/Mistral/Qwen2/Qwen3 checkpoint and hands it to
@@ -159,14 +159,15 @@ def convert(hf_dir: Path, out: Path, ftype: str = "q4_0") -> None:
         partial.unlink(missing_ok=True)
 
 
-def run(gguf: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
-    """One measurement, shaped like edge-llm's: load, prefill the same seeded prompt, greedy-decode new_tokens."""
+def run(gguf: str, prompt_tokens: int, new_tokens: int, threads: int, n_batch: int = 512) -> dict:
+    """One measurement, shaped like edge-llm's: load, prefill the same seeded prompt (n_batch tokens per
+    evaluation; 1 where batched evaluation crashes, see logits()), greedy-decode new_tokens."""
     import llama_cpp
 
     start = time.perf_counter()
     threads = threads or os.cpu_count()  # llama-cpp-python's own default is half the cores; the others take all
-    llm = llama_cpp.Llama(gguf, n_ctx=prompt_tokens + new_tokens + 8, n_batch=512, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(gguf, n_ctx=prompt_tokens + new_tokens + 8, n_batch=n_batch, n_ubatch=n_batch,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
     load = time.perf_counter() - start
     vocab = llm.n_vocab()
     prompt = np.random.default_rng(0).integers(3, min(vocab, 30000), size=prompt_tokens).tolist()
@@ -210,4 +211,4 @@ if __name__ == "__main__":
     elif sys.argv[1] == "logits":
         logits(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     else:
-        print(json.dumps(run(sys.argv[2], *map(int, sys.argv[3:6]))))
+        print(json.dumps(run(sys.argv[2], *map(int, sys.argv[3:7]))))
