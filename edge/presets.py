@@ -24,6 +24,8 @@ class Preset:
     damping: float = 0.01  # GPTQ's dampening of the Gram matrix, as a fraction of its mean diagonal
     asymmetric: bool = False  # the `bits` weights get an integer zero point per block (not lm_head/embedding):
     # x86's int8-activation kernels take uint4 zero points at full speed; ARM's KleidiAI kernels do not
+    mlp_block: int = 0  # weights per scale of the MLP's `bits` weights (gate/up, down) where wider than the
+    # block size: they are most of what a token reads, and at 64 a 4-bit weight with its fp32 scale is 4.5 bits, not 5
 
 
 PRESETS = {p.name: p for p in (
@@ -34,6 +36,8 @@ PRESETS = {p.name: p for p in (
     Preset("int4-zp", "int4 with a zero point per 4-bit block, for x86 (ARM's KleidiAI kernels need symmetric "
            "weights)", bits=4, head_bits=8, searched=("attn_qkv",), damping=1.0,
            asymmetric=True),
+    Preset("int4-fast", "int4 with the MLP's weights in blocks of 64: fewer bytes a token, faster decode, a little "
+           "less close to fp32", bits=4, head_bits=8, searched=("attn_qkv",), damping=1.0, mlp_block=64),
     Preset("int4-plain", "4-bit weights rounded as onnxruntime's quantizer does (onnxruntime-genai's int4)",
            bits=4, head_bits=4, rounding="absmax"),
     Preset("int8", "8-bit weights, searched scales (int8 activations at accuracy level 4)", bits=8, head_bits=8,
@@ -61,6 +65,8 @@ def recipe(preset: Preset, node_name: str, tied: bool, block_size: int) -> tuple
     rounding = "search" if role in preset.searched and preset.rounding == "gptq" else preset.rounding
     if role in preset.raised:
         return 8, _wide(preset, block_size), rounding, False
+    if role in ("mlp_in", "mlp_down"):
+        block_size = max(block_size, preset.mlp_block)
     return preset.bits, block_size, rounding, preset.asymmetric
 
 

@@ -237,7 +237,9 @@ def _quantization(target: dict) -> dict:
         return {"method": target["quant"]}
     return {"method": "int8" if preset.bits == 8 else "int4", "preset": preset.name, "bits": preset.bits,
             "head_bits": preset.head_bits, "raised": list(preset.raised), "block_size": target["block_size"],
-            "symmetric": True, "rounding": preset.rounding, "accuracy_level": target["accuracy_level"]}
+            **({"mlp_block_size": max(target["block_size"], preset.mlp_block)} if preset.mlp_block else {}),
+            "symmetric": not preset.asymmetric, "rounding": preset.rounding,
+            "accuracy_level": target["accuracy_level"]}
 
 
 def _generation(model, tokenizer, source: Path) -> dict:

@@ -10,12 +10,13 @@ from families import STORIES, shared
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import edge
-from edge.presets import PRESETS
+from edge.presets import PRESETS, roles
 
 TEXT = (Path(__file__).parent / "data" / "story.txt").read_text(encoding="utf-8")
 # (perplexity ratio below, top-1 agreement above) against the fp32 bundle, accuracy level 4; measured on this
 # project's x86 machine (README, "Quantization"), with room for other CPUs' int8 activation rounding
-BOUNDS = {"int4-plain": (1.2, 0.65), "int4": (1.08, 0.74), "int4-hq": (1.08, 0.76), "int4-zp": (1.08, 0.74), "int8": (1.01, 0.95)}
+BOUNDS = {"int4-plain": (1.2, 0.65), "int4": (1.08, 0.74), "int4-hq": (1.08, 0.76), "int4-zp": (1.08, 0.74),
+          "int4-fast": (1.08, 0.74), "int8": (1.01, 0.95)}
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,7 @@ def test_every_preset_tells_a_story_and_meets_its_bound(exports, fp32, quant):
     manifest = engine.bundle.manifest
     assert manifest["quantization"]["preset"] == quant
     assert manifest["quantization"]["method"] == ("int8" if PRESETS[quant].bits == 8 else "int4")
+    assert manifest["quantization"]["symmetric"] is not PRESETS[quant].asymmetric
     held_out = manifest["validation"]["quantization"]
     story_text = engine.evaluate(TEXT, fp32)
     ratio, agreement = BOUNDS[quant]
@@ -79,6 +81,21 @@ def test_the_presets_lose_less_than_plain_int4(exports):
     for quant, f in figures.items():
         assert f["perplexity_ratio"] < plain["perplexity_ratio"] and f["top1_agreement"] > plain["top1_agreement"], \
             (quant, f, plain)
+
+
+def test_int4_fast_widens_the_mlp_blocks_only(exports):
+    import onnx
+
+    bundle = exports.bundle("stories260K", "int4-fast")
+    blocks = {}
+    for node in onnx.load(bundle / "model.onnx").graph.node:
+        if node.op_type == "MatMulNBits":
+            size = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "block_size")
+            blocks.setdefault(roles(node.name), set()).add(size)
+    # stories260K's gate/up rows are 64 wide; its down projection's 172 inputs fit no block of 16 or more
+    assert blocks == {"attn_qkv": {32}, "attn_out": {32}, "mlp_in": {64}, "lm_head": {64}}
+    quantization = json.loads((bundle / "manifest.json").read_text())["quantization"]
+    assert (quantization["block_size"], quantization["mlp_block_size"]) == (32, 64)
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4", "int4-zp"])
