@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from edge.devices import Device, Profile
 from edge.bundle import Bundle
-from edge.decoder import PREFILL_CHUNK, kind_of
+from edge.decoder import kind_of
 
 MB = 1 << 20
 # Measured on x86-64 with onnxruntime 1.32 (tests/test_memory.py checks the sum against real peak RSS):
@@ -56,8 +56,8 @@ def estimate(bundle: Bundle, context: int, prefix_mb: float = 0) -> Estimate:
     kv = decoder.kv_bytes(shape, context)
     rows = decoder.logits_rows()
     logits = 3 * rows * shape["vocab_size"] * 4  # graph output, its copy and the float64 sampling copy
-    scores = 2 * shape["num_heads"] * PREFILL_CHUNK * context * 4
-    mlp = 4 * PREFILL_CHUNK * 4 * shape["hidden_size"] * 4
+    scores = 2 * shape["num_heads"] * decoder.prefill_chunk * context * 4
+    mlp = 4 * decoder.prefill_chunk * 4 * shape["hidden_size"] * 4
     return Estimate(weights / MB, tokenizer / MB, kv / MB, (logits + scores + mlp) / MB, context=context,
                     prefix_mb=prefix_mb)
 

@@ -38,12 +38,12 @@ def test_greedy_200_tokens_equal_transformers(fp32):
 
 
 def test_long_prompt_prefills_in_chunks_like_one_pass(fp32):
-    from edge.decoder import PREFILL_CHUNK
+    from edge.decoder import OptimumDecoder  # stories260K's head size 8 takes optimum's graph
 
     tokenizer = AutoTokenizer.from_pretrained(shared(STORIES))
     model = AutoModelForCausalLM.from_pretrained(shared(STORIES), torch_dtype=torch.float32).eval()
     prompt = tokenizer(TEXT).input_ids
-    assert len(prompt) > 2 * PREFILL_CHUNK
+    assert len(prompt) > 2 * OptimumDecoder.prefill_chunk
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False)
     records = list(fp32.stream(prompt, temperature=0, max_tokens=30))
