@@ -136,6 +136,7 @@ def jobs(exports) -> dict[str, dict]:
         "stories-int8": {**stories, "bundle": exports.bundle("stories260K", "int8")},
         "stories-int4": {**stories, "bundle": exports.bundle("stories260K", "int4")},
         "stories-int4-level0": {**stories, "bundle": exports.bundle("stories260K", "int4", accuracy_level=0)},
+        "stories-int4-fast": {**stories, "bundle": exports.bundle("stories260K", "int4-fast")},  # blocks of 64
         "smollm2-int4": {**smollm2, "bundle": exports.bundle("smollm2-135m", "int4")},
         "smollm2-int4-level0": {**smollm2, "bundle": exports.bundle("smollm2-135m", "int4", accuracy_level=0)},
         "smollm2-int4-plain": {**smollm2, "bundle": exports.bundle("smollm2-135m", "int4-plain")},
@@ -217,7 +218,7 @@ def test_fp32_compute_matches_x86(cpu, arm, x86, pytestconfig):
 def test_int8_and_level4_bundles_agree_with_x86(cpu, arm, x86, pytestconfig):
     """The same bundle on x86 and ARM: x86 quantizes activations to int8 (VNNI); the A76 does too, with other
     kernels; the A72 computes in fp32. Each agrees with x86 on at least 90% of next tokens."""
-    for name in ("stories-int8", "stories-int4", "smollm2-int4"):
+    for name in ("stories-int8", "stories-int4", "stories-int4-fast", "smollm2-int4"):
         got, want = arm[cpu][name], x86[cpu][name]
         agreed = agreement(got["logits"], want["logits"])
         report(pytestconfig, f"{cpu} {name}: top-1 agreement with x86 {agreed:.1%} over {len(got['logits'])} "
