@@ -24,7 +24,6 @@ from edge.devices import Profile
 from edge.session import make_session, require_onnxruntime
 
 
-
 class Decoder:
     kind = ""  # the manifest's onnx.kv
     every_position = False  # forward returns logits for every position fed, not only the last

@@ -66,8 +66,13 @@ def recipe(preset: Preset, node_name: str, tied: bool, block_size: int) -> tuple
     if role in preset.raised:
         return 8, _wide(preset, block_size), rounding, False
     if role in ("mlp_in", "mlp_down"):
-        block_size = max(block_size, preset.mlp_block)
+        block_size = mlp_block_size(preset, block_size)
     return preset.bits, block_size, rounding, preset.asymmetric
+
+
+def mlp_block_size(preset: Preset, block_size: int) -> int:
+    """The block of the MLP's `bits` weights: the preset's wider one where it has one."""
+    return max(block_size, preset.mlp_block)
 
 
 def head_recipe(preset: Preset, tied: bool, block_size: int) -> tuple[int, int, str, bool]:

@@ -230,14 +230,14 @@ def _manifest(family: str, config: dict, model, tokenizer, source: Path, shape, 
 
 def _quantization(target: dict) -> dict:
     """The manifest's record of the preset: what the runtime (kernel path, memory estimate) and a reader need."""
-    from edge.presets import PRESETS
+    from edge.presets import PRESETS, mlp_block_size
 
     preset = PRESETS.get(target["quant"])
     if preset is None:
         return {"method": target["quant"]}
     return {"method": "int8" if preset.bits == 8 else "int4", "preset": preset.name, "bits": preset.bits,
             "head_bits": preset.head_bits, "raised": list(preset.raised), "block_size": target["block_size"],
-            **({"mlp_block_size": max(target["block_size"], preset.mlp_block)} if preset.mlp_block else {}),
+            **({"mlp_block_size": mlp_block_size(preset, target["block_size"])} if preset.mlp_block else {}),
             "symmetric": not preset.asymmetric, "rounding": preset.rounding,
             "accuracy_level": target["accuracy_level"]}
 
