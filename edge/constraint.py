@@ -160,6 +160,38 @@ class Grammars:
         return constraint
 
 
+def ascii_digits(pattern: str) -> str:
+    """The regex with `\\d` as [0-9] and `\\D` as [^0-9], as JSON Schema's and JavaScript's regexes read them. Rust's
+    syntax, which llguidance follows, lets `\\d` take any Unicode digit, and a small model asked for a date then
+    writes digits from other scripts (seen: U+1FBF1, SEGMENTED DIGIT ONE) that an app's parser refuses. Escaped
+    backslashes stay as they are; inside a [class] `\\d` becomes 0-9 and `\\D` is left alone."""
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            escaped = pattern[i + 1]
+            if escaped == "d":
+                out.append("0-9" if in_class else "[0-9]")
+            elif escaped == "D" and not in_class:
+                out.append("[^0-9]")
+            else:
+                out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+            start = i + 2 if pattern[i + 1:i + 2] == "^" else i + 1
+            if pattern[start:start + 1] == "]":  # a ] right after [ or [^ is a literal one
+                out.append(pattern[i:start + 1])
+                i = start + 1
+                continue
+        elif c == "]" and in_class:
+            in_class = False
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 def _matcher(tokenizer, spec: Spec):
     import llguidance
 
@@ -167,7 +199,8 @@ def _matcher(tokenizer, spec: Spec):
         if spec.kind == "json_schema":
             grammar = llguidance.LLMatcher.grammar_from_json_schema(spec.source, overrides=JSON_OPTIONS)
         else:
-            grammar = llguidance.grammar_from("gbnf" if spec.kind == "grammar" else "regex", spec.source)
+            source = spec.source if spec.kind == "grammar" else ascii_digits(spec.source)
+            grammar = llguidance.grammar_from("gbnf" if spec.kind == "grammar" else "regex", source)
     except ValueError as e:  # GBNF that does not convert, a schema that is not an object
         raise ConstraintError(f"{spec.param}: {e}", spec.param) from None
     limits = llguidance.LLParserLimits(verbose_errors=False)  # no parser dumps in a client's error message

@@ -12,7 +12,7 @@ from families import FAMILIES, TOKENIZERS, shared
 from tokenizers import Tokenizer
 
 import edge
-from edge.constraint import ConstraintError, Grammars, Spec, closed, spec_from, token_table
+from edge.constraint import ConstraintError, Grammars, Spec, ascii_digits, closed, spec_from, token_table
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 12},
@@ -107,6 +107,22 @@ def test_the_mask_allows_exactly_what_the_grammar_can_take_next(stories_grammars
         matcher.ahead(history)
     assert matcher.finished
     assert np.flatnonzero(matcher(history, np.zeros(stories_grammars.vocab_size)) == 0).tolist() == [2]  # eos only
+
+
+@pytest.mark.parametrize("pattern, ascii", [
+    (r"\d{4}-\d{2}", "[0-9]{4}-[0-9]{2}"), (r"[\d-]+", "[0-9-]+"), (r"\D+", "[^0-9]+"), (r"[^\D]", r"[^\D]"),
+    (r"\\d", r"\\d"), (r"[]\d]", "[]0-9]"), (r"\w\d\.", r"\w[0-9]\."),
+])
+def test_a_regex_digit_is_an_ascii_digit(pattern, ascii):
+    assert ascii_digits(pattern) == ascii
+
+
+def test_the_mask_of_a_digit_regex_takes_ascii_digits_only(stories_grammars):
+    """Rust's \\d takes any Unicode digit (Arabic-Indic, segmented...): the mask must allow ASCII digits only."""
+    table, _ = token_table(json.loads(stories_grammars.tokenizer_file.read_text()), stories_grammars.vocab_size)
+    matcher = stories_grammars.compile(spec_from(regex=r"\d{4}")).start(prompt_length=2)
+    allowed = np.flatnonzero(matcher([1, 5], np.zeros(stories_grammars.vocab_size, np.float32)) == 0)
+    assert len(allowed) >= 10 and all(re.fullmatch(rb"[0-9]+", table[t]) for t in allowed), [table[t] for t in allowed]
 
 
 FAST = [f.name for f in FAMILIES]

@@ -648,5 +648,9 @@ def test_a_constraint_composes_with_the_prefix_cache_and_speculation(smollm2_app
                                                            response_format=format_, extra_body=extra)
                for extra in ({"cache_prompt": False}, {}, {"speculate": True})]
     assert answers[2].usage.prompt_tokens_details.cached_tokens > 0
-    assert len({a.choices[0].message.content for a in answers}) == 1
-    jsonschema.validate(json.loads(answers[0].choices[0].message.content), schema)
+    # Not the same text on every path: this bundle's int8-activation kernels round a cached prompt's shorter prefill
+    # and a multi-row verify pass differently from a one-row step, so greedy answers may part (README, "Speculative
+    # decoding"; exact on fp32 and level-0 bundles, tests/test_draft.py). Each must still be a complete, valid answer.
+    for answer in answers:
+        assert answer.choices[0].finish_reason == "stop", answer.choices[0].message.content
+        jsonschema.validate(json.loads(answer.choices[0].message.content), schema)
