@@ -37,31 +37,29 @@ def main() -> None:
     args = parse()
     sys.path.insert(0, str(ROOT))
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from edge.export import calibrate, validate
 
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-
-    def load():
-        return AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32,
-                                                    attn_implementation="eager").eval()
-
-    window = min(4096, load().config.max_position_embeddings)
+    # the held-out text in windows of the context, as the runtime scores it (a 4,096-token window's logits
+    # already take 0.8 GB for a 49k vocabulary)
+    window = min(4096, AutoConfig.from_pretrained(args.checkpoint).max_position_embeddings)
     ids = tokenizer(validate.EVAL_TEXT).input_ids
-    reference = log_probs(load(), ids, window)
-    model = load()
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    reference = scored_rows(model, ids, window)
     calibration = calibrate.calibration_ids(tokenizer)
     if args.sampled_calibration:
         calibration += sampled(model, tokenizer, args.sampled_calibration)
     if args.rotate:
         rotate(model, np.random.default_rng(args.seed))
-        print("rotated, before rounding:", describe(compare(reference, log_probs(model, ids, window), ids)))
+        print("rotated, before rounding:", describe(against(reference, model, ids, window)))
     grams = gram_matrices(model, calibration, window)
     round_weights(model, args, grams)
     print(f"{args.preset}{' rotated' if args.rotate else ''}, weights only:",
-          describe(compare(reference, log_probs(model, ids, window), ids)))
+          describe(against(reference, model, ids, window)))
 
 
 def parse() -> argparse.Namespace:
@@ -81,25 +79,24 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def log_probs(model, ids: list[int], window: int):
-    """Teacher-forced log-probabilities of every position, in windows of fresh context (float64)."""
+def scored_rows(model, ids: list[int], window: int) -> list[tuple[np.ndarray, list[int]]]:
+    """(logits, targets) blocks, teacher-forced, one per window of fresh context (edge/fidelity.py's windows)."""
     import torch
 
+    from edge import fidelity
+
+    blocks = []
     with torch.no_grad():
-        return torch.cat([torch.log_softmax(model(torch.tensor([ids[s:s + window]])).logits[0].double(), -1)
-                          for s in range(0, len(ids), window)])
+        for w in fidelity.windows(ids, window):
+            blocks.append((model(torch.tensor([w])).logits[0, :-1].numpy(), w[1:]))
+    return blocks
 
 
-def compare(reference, got, ids: list[int]) -> dict:
-    """The figures edge/fidelity.py reports (here over the whole text at once)."""
-    import torch
+def against(reference: list, model, ids: list[int], window: int) -> dict:
+    """edge/fidelity.py's figures (the code `edge eval` runs) of the model against the reference's rows."""
+    from edge import fidelity
 
-    targets = torch.tensor(ids[1:])[:, None]
-    nll = -got[:-1].gather(1, targets).mean().item()
-    nll_reference = -reference[:-1].gather(1, targets).mean().item()
-    return {"perplexity_ratio": float(np.exp(nll - nll_reference)),
-            "top1_agreement": (reference.argmax(-1) == got.argmax(-1)).double().mean().item(),
-            "mean_kl": (reference.exp() * (reference - got)).sum(-1).mean().item()}
+    return fidelity.measure(scored_rows(model, ids, window), iter(reference))
 
 
 def describe(f: dict) -> str:
@@ -154,13 +151,12 @@ def round_weights(model, args, grams: dict[str, np.ndarray]) -> None:
                                  rounding=args.rounding or preset.rounding,
                                  damping=preset.damping if args.damping is None else args.damping)
     block_size = args.block_size or preset.block_size
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     with torch.no_grad():
         for name, module in model.named_modules():
             if not isinstance(module, torch.nn.Linear) or roles(name) is None:
-                continue
-            if name == "lm_head":
-                module = model.get_input_embeddings()  # tied: the table's bytes are lm_head's
-            bits, block, rounding, asymmetric = recipe(preset, name, True, block_size)
+                continue  # an untied embedding stays fp32 here; rounding lm_head rounds a tied table too
+            bits, block, rounding, asymmetric = recipe(preset, name, tied, block_size)
             weight = module.weight.detach().numpy().T.astype(np.float32)  # [K, N], as MatMulNBits reads it
             block = fitted_block(weight.shape[0], block)
             if block is None:

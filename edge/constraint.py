@@ -198,9 +198,10 @@ def _matcher(tokenizer, spec: Spec):
     try:
         if spec.kind == "json_schema":
             grammar = llguidance.LLMatcher.grammar_from_json_schema(spec.source, overrides=JSON_OPTIONS)
+        elif spec.kind == "grammar":
+            grammar = llguidance.grammar_from("gbnf", spec.source)
         else:
-            source = spec.source if spec.kind == "grammar" else ascii_digits(spec.source)
-            grammar = llguidance.grammar_from("gbnf" if spec.kind == "grammar" else "regex", source)
+            grammar = llguidance.grammar_from("regex", ascii_digits(spec.source))
     except ValueError as e:  # GBNF that does not convert, a schema that is not an object
         raise ConstraintError(f"{spec.param}: {e}", spec.param) from None
     limits = llguidance.LLParserLimits(verbose_errors=False)  # no parser dumps in a client's error message
