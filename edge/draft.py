@@ -29,30 +29,56 @@ class DraftSettings:
 
 
 class PassCosts:
-    """Seconds a forward pass of m rows takes on this decoder and CPU: calibrated once, kept up to date by every
-    verification pass."""
+    """Seconds a forward pass of m rows takes on this decoder and CPU: a one-row pass's seconds now, times the
+    m-row pass's ratio to it.
 
-    def __init__(self):
-        self.seconds: dict[int, float] = {}
+    The two are kept apart because they drift differently. The ratios belong to the kernels (how many rows a tile
+    holds, whether extra rows are compute-bound): calibrated once, refined by every pass of that size. The one-row
+    time belongs to the moment (a thermal throttle, a neighbour's load) and every pass of any size moves it, so
+    sizes the drafter has stopped choosing keep their proportion to the others instead of a stale figure: a board
+    that slowed down after calibration would otherwise see long drafts as cheap. One stalled pass moves either by
+    a bounded step only (`jump`)."""
+
+    def __init__(self, keep: float = 0.8, jump: float = 1.5):
+        self.base: float | None = None  # seconds of a one-row pass, now
+        self.ratios: dict[int, float] = {1: 1.0}  # rows -> seconds of such a pass / one row's
+        self.keep = keep  # weight of the past in each update (about the last 5 passes)
+        self.jump = jump  # one pass moves an estimate towards at most jump times (or 1/jump of) its value
         self.calibrated = False
 
+    def set_from(self, seconds: dict[int, float]) -> PassCosts:
+        """Start over from one timing per row count (calibration; one row's must be among them)."""
+        self.base = seconds[1]
+        self.ratios = {rows: s / seconds[1] for rows, s in seconds.items()}
+        self.calibrated = True
+        return self
+
     def observe(self, rows: int, seconds: float) -> None:
-        old = self.seconds.get(rows)
-        self.seconds[rows] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        if self.base is None:
+            self.base = seconds / self.ratio(rows)
+            return
+        self.base = self._toward(self.base, seconds / self.ratio(rows))
+        if rows != 1:
+            self.ratios[rows] = self._toward(self.ratio(rows), seconds / self.base)
+
+    def _toward(self, old: float, new: float) -> float:
+        return self.keep * old + (1 - self.keep) * min(max(new, old / self.jump), old * self.jump)
 
     def of(self, rows: int) -> float:
-        """The measured cost, or one read off the nearest measured sizes (1.1x per extra row beyond them)."""
-        if rows in self.seconds:
-            return self.seconds[rows]
-        if not self.seconds:
-            return 1.0 + 0.1 * (rows - 1)
-        below = [m for m in self.seconds if m < rows]
-        above = [m for m in self.seconds if m > rows]
+        return (self.base or 1.0) * self.ratio(rows)
+
+    def ratio(self, rows: int) -> float:
+        """The measured ratio, or one read off the nearest measured sizes (0.1 per extra row beyond them)."""
+        r = self.ratios
+        if rows in r:
+            return r[rows]
+        below = [m for m in r if m < rows]
+        above = [m for m in r if m > rows]
         if below and above:
             lo, hi = max(below), min(above)
-            return self.seconds[lo] + (self.seconds[hi] - self.seconds[lo]) * (rows - lo) / (hi - lo)
+            return r[lo] + (r[hi] - r[lo]) * (rows - lo) / (hi - lo)
         near = max(below) if below else min(above)
-        return self.seconds[near] * (1.0 + 0.1 * (rows - near))
+        return r[near] * (1.0 + 0.1 * (rows - near))
 
 
 class PromptLookup:

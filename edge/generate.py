@@ -202,6 +202,7 @@ def calibrate(decoder: Decoder, state: KVState, costs: PassCosts, most: int = 9,
     offset = state.offset
     if decoder.context_length - offset < most:
         return
+    seconds = {}
     for rows in range(1, most + 1):
         times = []
         for _ in range(repeats):
@@ -209,8 +210,8 @@ def calibrate(decoder: Decoder, state: KVState, costs: PassCosts, most: int = 9,
             decoder.forward([0] * rows, state, keep=rows)
             times.append(time.perf_counter() - started)
             state.trim(offset)
-        costs.seconds[rows] = min(times)
-    costs.calibrated = True
+        seconds[rows] = min(times)  # a stall only ever adds time
+    costs.set_from(seconds)
 
 
 def _accept(rows: np.ndarray, draft: list[int], processors: list[Processor], distribution, rng: np.random.Generator,

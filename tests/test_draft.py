@@ -36,9 +36,7 @@ def test_the_draft_follows_the_latest_earlier_occurrence_of_the_last_ngram():
 
 def costs(*seconds: float) -> PassCosts:
     """Pass costs by row count, from one row up."""
-    measured = PassCosts()
-    measured.seconds = {rows: s for rows, s in enumerate(seconds, start=1)}
-    return measured
+    return PassCosts().set_from({rows: s for rows, s in enumerate(seconds, start=1)})
 
 
 def test_the_draft_size_is_the_fastest_for_the_acceptance_and_this_cpus_pass_costs():
@@ -50,7 +48,22 @@ def test_the_draft_size_is_the_fastest_for_the_acceptance_and_this_cpus_pass_cos
     assert drafter.best_size(0.03, 8) == 0  # chance matches: plain decoding is faster
     flat = PromptLookup(DraftSettings(max_draft=8), costs(*[1.0] * 9))
     assert flat.best_size(0.3, 8) == 8  # where rows cost nothing, draft all
-    assert PassCosts().of(3) == pytest.approx(1.2) and tiled.of(12) == pytest.approx(2.27 * 1.3)
+    assert tiled.of(12) == pytest.approx(2.27 * 1.3)
+
+
+def test_pass_costs_follow_a_slower_machine_in_proportion_and_one_stall_moves_them_a_bounded_step():
+    measured = costs(1.0, 1.2, 1.5, 1.8)
+    for _ in range(30):  # the board slows to half speed; only one-row passes are run
+        measured.observe(1, 2.0)
+    assert measured.of(1) == pytest.approx(2.0, rel=0.01) and measured.of(4) == pytest.approx(3.6, rel=0.01)  # not 1.8
+    for _ in range(30):  # four-row passes turn out cheaper than calibrated: their ratio follows
+        measured.observe(4, 3.0)
+        measured.observe(1, 2.0)
+    assert measured.of(4) == pytest.approx(3.0, rel=0.02) and measured.of(1) == pytest.approx(2.0, rel=0.02)
+    steady = costs(1.0, 1.2)
+    steady.observe(2, 60.0)  # one pass stalled by something else on the machine
+    assert steady.of(1) <= 1.1 and steady.of(2) <= 1.2 * 1.1 * 1.1
+    assert PassCosts().of(3) == pytest.approx(1.2)  # nothing measured: 10% per extra row
 
 
 def test_acceptance_is_counted_per_ngram_length_and_low_rates_stop_drafting_but_probe():
@@ -73,9 +86,9 @@ def test_calibration_times_each_pass_size_and_leaves_the_state_as_it_was(exports
     engine.decoder.prefill(list(range(3, 20)), state)
     before, measured = state.tokens, PassCosts()
     gen.calibrate(engine.decoder, state, measured)
-    assert measured.calibrated and sorted(measured.seconds) == list(range(1, 10))
+    assert measured.calibrated and sorted(measured.ratios) == list(range(1, 10))
     assert state.tokens == before and state.offset == 17
-    assert all(s > 0 for s in measured.seconds.values())
+    assert measured.base > 0 and all(r > 0 for r in measured.ratios.values())
 
 
 class MarkovDecoder(Decoder):
@@ -202,7 +215,7 @@ def test_max_tokens_and_an_early_stop_leave_the_state_as_plain_decoding_does():
     prompt = seq + seq[:4]
     decoder = CopyingDecoder(seq[4:] + seq * 3, len(prompt))  # the answer goes on copying: drafts are accepted
     flat = gen.pass_costs(decoder)  # as if rows cost nothing: every draft as long as the room allows
-    flat.seconds, flat.calibrated = {rows: 1.0 for rows in range(1, 10)}, True
+    flat.set_from({rows: 1.0 for rows in range(1, 10)})
     for max_tokens in (1, 5, 17):
         states = {}
         for speculate in (False, True):
@@ -215,7 +228,7 @@ def test_max_tokens_and_an_early_stop_leave_the_state_as_plain_decoding_does():
     stream = gen.stream(decoder, NullTokenizer(), prompt, gen.GenerationParams(temperature=0, speculate=True), (),
                         state)
     taken = [next(stream).token for _ in range(4)]
-    flat.seconds = {rows: 1.0 for rows in range(1, 10)}  # the passes so far have timed themselves in
+    flat.set_from({rows: 1.0 for rows in range(1, 10)})  # the passes so far have timed themselves in
     assert [r.step_tokens for r in gen.stream(decoder, NullTokenizer(), prompt,
                                               gen.GenerationParams(temperature=0, max_tokens=6, speculate=True))] \
         == [1, 5, 0, 0, 0, 0]  # the prefill's token, then a pass of 4 accepted drafts and one more
