@@ -54,12 +54,13 @@ class PassCosts:
         return self
 
     def observe(self, rows: int, seconds: float) -> None:
+        ratio = self.ratio(rows)
         if self.base is None:
-            self.base = seconds / self.ratio(rows)
+            self.base = seconds / ratio
             return
-        self.base = self._toward(self.base, seconds / self.ratio(rows))
+        self.base = self._toward(self.base, seconds / ratio)
         if rows != 1:
-            self.ratios[rows] = self._toward(self.ratio(rows), seconds / self.base)
+            self.ratios[rows] = self._toward(ratio, seconds / self.base)
 
     def _toward(self, old: float, new: float) -> float:
         return self.keep * old + (1 - self.keep) * min(max(new, old / self.jump), old * self.jump)
@@ -68,7 +69,7 @@ class PassCosts:
         return (self.base or 1.0) * self.ratio(rows)
 
     def ratio(self, rows: int) -> float:
-        """The measured ratio, or one read off the nearest measured sizes (0.1 per extra row beyond them)."""
+        """The measured ratio, or one read off the nearest measured sizes (10% more per row beyond them)."""
         r = self.ratios
         if rows in r:
             return r[rows]
