@@ -322,7 +322,8 @@ def cmd_run(args) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     engine = _load(args)
     started, stamps = time.perf_counter(), []
-    _print_stream(_stamped(engine.stream(prompt, **_sampling(args), **_constraint(args)), stamps))
+    records = engine.stream(prompt, logprobs=False, **_sampling(args), **_constraint(args))  # it prints text only
+    _print_stream(_stamped(records, stamps))
     sys.stdout.write("\n")
     if args.verbose and stamps:
         decode = f", then {(len(stamps) - 1) / (stamps[-1] - stamps[0]):.1f} tokens/s" if len(stamps) > 1 else ""
@@ -354,7 +355,7 @@ def cmd_chat(args) -> int:
         if not line or line.strip() in ("/exit", "/quit"):
             return 0
         try:  # the conversation keeps its token ids: each turn prefills only what is new
-            _print_stream(conversation.say(line.rstrip("\n"), **_sampling(args)))
+            _print_stream(conversation.say(line.rstrip("\n"), logprobs=False, **_sampling(args)))
         except (ContextError, ChatTemplateError) as e:  # the conversation goes on without this turn
             print(f"edge: {e}", file=sys.stderr)
             continue

@@ -111,6 +111,7 @@ def parse_chat(body: dict) -> Request:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs", code="invalid_value")
     request.params["max_tokens"] = _max_tokens(body, "max_completion_tokens") or _max_tokens(body, "max_tokens")
     request.params["top_logprobs"] = request.top_logprobs
+    request.params["logprobs"] = request.logprobs  # not asked for: not computed
     return request
 
 
@@ -121,6 +122,7 @@ def parse_completion(body: dict) -> Request:
     request.logprobs, request.top_logprobs = count is not None, count or 0
     request.params["max_tokens"] = _max_tokens(body, "max_tokens") or 16  # OpenAI's default for completions
     request.params["top_logprobs"] = request.top_logprobs
+    request.params["logprobs"] = request.logprobs  # not asked for: not computed
     return request
 
 

@@ -45,6 +45,16 @@ def test_logprobs_are_log_softmax_of_raw_logits(engine, greedy):
     assert all(r.logprob <= 0 for r in greedy)
 
 
+@pytest.mark.parametrize("speculate", [False, True])
+def test_logprobs_off_leaves_them_out_and_nothing_else(engine, greedy, speculate):
+    records = list(engine.stream(PROMPT, temperature=0, max_tokens=60, logprobs=False, speculate=speculate))
+    assert [r.token for r in records] == [r.token for r in greedy]
+    assert "".join(r.text for r in records) == "".join(r.text for r in greedy)
+    assert all(r.logprob is None for r in records)
+    asked = list(engine.stream(PROMPT, temperature=0, max_tokens=5, logprobs=False, top_logprobs=2))
+    assert [r.logprob for r in asked] == pytest.approx([r.logprob for r in greedy[:5]], abs=1e-5)  # top_n needs them
+
+
 def test_logprobs_ignore_sampling_filters(engine):
     # top_k=1 makes every pick certain, but the reported logprob is the model's own.
     records = list(engine.stream(PROMPT, temperature=1.0, top_k=1, max_tokens=10, seed=0))
