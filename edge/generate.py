@@ -247,11 +247,11 @@ def _processed(processors: list[Processor], history: list[int], logits: np.ndarr
     return logits
 
 
-def _token(logits: np.ndarray, token: int, top_n: int, spent: float, logprob: bool = True) -> Token:
+def _token(logits: np.ndarray, token: int, top_n: int, spent: float, with_logprob: bool = True) -> Token:
     if top_n:
         logprobs = log_softmax(logits)
         return Token(token, float(logprobs[token]), top_tokens(logprobs, top_n), spent)
-    return Token(token, sampling.logprob(logits, token) if logprob else None, (), spent)
+    return Token(token, sampling.logprob(logits, token) if with_logprob else None, (), spent)
 
 
 def _check_prefix(state: KVState, prompt: Sequence[int]) -> None:
