@@ -68,7 +68,8 @@ def edge_round(engine, prompts: dict[str, list[list[int]]], new_tokens: int) -> 
         for ids in sets:
             pair = []
             for speculate in (False, True):
-                records = list(engine.stream(prompt=ids, temperature=0, max_tokens=new_tokens, speculate=speculate))
+                records = list(engine.stream(prompt=ids, temperature=0, max_tokens=new_tokens, speculate=speculate,
+                                             logprobs=False))  # as genai's loop: none computed
                 pair.append({"rate": decode_rate(records), "tokens": [r.token for r in records],
                              "proposed": sum(r.drafted for r in records),
                              "accepted": sum(r.accepted for r in records)})

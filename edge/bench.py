@@ -104,7 +104,7 @@ def speculation(bundle: str, cases_file: str, runs: int, threads: int = 0, profi
                 texts = []
                 for speculate in (False, True):
                     records = list(engine.stream(messages=[user(prompt)], temperature=0, max_tokens=max_tokens,
-                                                 speculate=speculate))
+                                                 speculate=speculate, logprobs=False))
                     rates[speculate].append(decode_rate(records))
                     texts.append("".join(r.text for r in records))
                 identical &= texts[0] == texts[1]
