@@ -24,7 +24,10 @@ def main() -> None:
     args = parse()
     import onnx
 
-    graph = onnx.load(str(Path(args.bundle) / "model.onnx"), load_external_data=False).graph
+    from edge.bundle import read_manifest
+
+    model = Path(args.bundle) / read_manifest(Path(args.bundle) / "manifest.json")["onnx"]["file"]
+    graph = onnx.load(str(model), load_external_data=False).graph
     shapes = Counter(_shape(node) for node in graph.node if node.op_type == "MatMulNBits")
     own = {_level(node) for node in graph.node if node.op_type == "MatMulNBits"}
     levels = sorted(own) + [lv for lv in args.levels if lv not in own]
@@ -34,7 +37,8 @@ def main() -> None:
     for level in levels:
         totals = dict.fromkeys(rows, 0.0)
         for (k, n, bits, block), count in sorted(shapes.items()):
-            ms = {m: time_rows(k, n, bits, block, level, m, args.threads) for m in rows}
+            session = matrix_session(k, n, bits, block, level, args.threads)
+            ms = {m: time_rows(session, k, m) for m in rows}
             for m in rows:
                 totals[m] += count * ms[m]
             gmacs = k * n * rows[-1] / ms[rows[-1]] / 1e6
@@ -44,15 +48,17 @@ def main() -> None:
               "  ".join(f"{totals[m] / totals[rows[0]]:<6.2f}" for m in rows[1:]))
 
 
-def time_rows(k: int, n: int, bits: int, block: int, level: int, m: int, threads: int) -> float:
-    """Milliseconds of one call with m rows: the median of calls for about half a second, after a tenth of a
-    second of warm-up (a few calls of a small matrix would leave the thread pool and the clock speed cold)."""
+def matrix_session(k: int, n: int, bits: int, block: int, level: int, threads: int):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(one_matrix(k, n, bits, block, level), options,
-                                   providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(one_matrix(k, n, bits, block, level), options, providers=["CPUExecutionProvider"])
+
+
+def time_rows(session, k: int, m: int) -> float:
+    """Milliseconds of one call with m rows: the median of calls for about half a second, after a tenth of a
+    second of warm-up (a few calls of a small matrix would leave the thread pool and the clock speed cold)."""
     a = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
     warm = time.perf_counter()
     while time.perf_counter() - warm < 0.1:

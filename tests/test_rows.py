@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import rows  # benchmarks/, put on the path by conftest.py
 
@@ -10,7 +9,7 @@ import rows  # benchmarks/, put on the path by conftest.py
 @pytest.mark.parametrize("bits, level", [(4, 4), (4, 0), (8, 4)])
 def test_one_matrix_is_the_dequantized_product(bits, level):
     k, n, block = 64, 24, 32
-    session = ort.InferenceSession(rows.one_matrix(k, n, bits, block, level), providers=["CPUExecutionProvider"])
+    session = rows.matrix_session(k, n, bits, block, level, threads=1)
     a = np.random.default_rng(2).standard_normal((3, k)).astype(np.float32)
     weights, scales = rows.random_matrix(k, n, bits, block)
     scales = scales.reshape(n, k // block)
@@ -23,7 +22,7 @@ def test_one_matrix_is_the_dequantized_product(bits, level):
     # level 4 rounds the activations to int8 per block: an error of a few hundredths of the output's range
     tolerance = 0.03 * np.abs(expected).max() if level == 4 else 1e-4
     np.testing.assert_allclose(session.run(None, {"A": a})[0], expected, rtol=0, atol=tolerance)
-    assert rows.time_rows(k, n, bits, block, level, 2, threads=1) > 0
+    assert rows.time_rows(session, k, 2) > 0
 
 
 def test_shapes_of_a_bundle(exports):
