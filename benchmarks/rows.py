@@ -22,14 +22,7 @@ import numpy as np
 
 def main() -> None:
     args = parse()
-    import onnx
-
-    from edge.bundle import read_manifest
-
-    model = Path(args.bundle) / read_manifest(Path(args.bundle) / "manifest.json")["onnx"]["file"]
-    graph = onnx.load(str(model), load_external_data=False).graph
-    shapes = Counter(_shape(node) for node in graph.node if node.op_type == "MatMulNBits")
-    own = {_level(node) for node in graph.node if node.op_type == "MatMulNBits"}
+    shapes, own = matrices(Path(args.bundle))
     levels = sorted(own) + [lv for lv in args.levels if lv not in own]
     rows = args.rows
     print(f"{'K x N, bits, block':26s} {'count':>5s} {'level':>5s} {'1 row ms':>9s}  " +
@@ -75,7 +68,10 @@ def time_rows(session, k: int, m: int) -> float:
 def one_matrix(k: int, n: int, bits: int, block: int, level: int) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
-    weights, scales = random_matrix(k, n, bits, block)
+    rng = np.random.default_rng(0)
+    blocks = -(-k // block)
+    weights = rng.integers(0, 256, size=(n, blocks, block * bits // 8), dtype=np.uint8)
+    scales = (rng.random(n * blocks, dtype=np.float32) * 0.01 + 0.001).astype(np.float32)
     node = helper.make_node("MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
                             block_size=block, accuracy_level=level)
     graph = helper.make_graph([node], "one", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
@@ -85,27 +81,18 @@ def one_matrix(k: int, n: int, bits: int, block: int, level: int) -> bytes:
                                                    helper.make_opsetid("com.microsoft", 1)]).SerializeToString()
 
 
-def random_matrix(k: int, n: int, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """MatMulNBits' packed levels [N, blocks, bytes per block] and scales [N * blocks], drawn at random."""
-    rng = np.random.default_rng(0)
-    blocks = -(-k // block)
-    weights = rng.integers(0, 256, size=(n, blocks, block * bits // 8), dtype=np.uint8)
-    return weights, (rng.random(n * blocks, dtype=np.float32) * 0.01 + 0.001).astype(np.float32)
-
-
-def _attributes(node) -> dict:
+def matrices(bundle: Path) -> tuple[Counter, set[int]]:
+    """How often the bundle's graph has each MatMulNBits shape (K, N, bits, block size), and its accuracy levels."""
+    import onnx
     from onnx import helper
 
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    from edge.bundle import read_manifest
 
-
-def _shape(node) -> tuple[int, int, int, int]:
-    a = _attributes(node)
-    return a["K"], a["N"], a.get("bits", 4), a["block_size"]
-
-
-def _level(node) -> int:
-    return _attributes(node).get("accuracy_level", 0)
+    model = bundle / read_manifest(bundle / "manifest.json")["onnx"]["file"]
+    nodes = [{a.name: helper.get_attribute_value(a) for a in node.attribute}
+             for node in onnx.load(str(model), load_external_data=False).graph.node if node.op_type == "MatMulNBits"]
+    return (Counter((a["K"], a["N"], a.get("bits", 4), a["block_size"]) for a in nodes),
+            {a.get("accuracy_level", 0) for a in nodes})
 
 
 def parse() -> argparse.Namespace:
