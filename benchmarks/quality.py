@@ -24,6 +24,7 @@ import numpy as np
 import edge
 from edge import fidelity
 from edge.bench import alternate, edge_runner
+from edge.bundle import open_bundle
 
 HERE = Path(__file__).parent
 TEXT = HERE.parent / "export" / "eval_text.txt"
@@ -31,8 +32,8 @@ TEXT = HERE.parent / "export" / "eval_text.txt"
 
 def model_mb(bundle: Path) -> float:
     """The bytes of the model files: model.onnx and its external data, not the tokenizer."""
-    files = json.loads((bundle / "manifest.json").read_text())["files"]
-    return sum((bundle / f).stat().st_size for f in files if f.startswith("model.onnx")) / 1e6
+    opened = open_bundle(bundle, verify="none")
+    return sum((bundle / f).stat().st_size for f in opened.model_files()) / 1e6
 
 
 def bundle_row(label: str, bundle: Path, reference, text: str) -> dict:

@@ -29,6 +29,21 @@ class Bundle:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def model_files(self) -> list[str]:
+        """The graph file and its external weights (model.onnx, model.onnx.data), as the manifest lists them."""
+        graph = self.manifest["onnx"]["file"]
+        return sorted(name for name in self.manifest["files"] if name.startswith(graph))
+
+    def model_sha256(self) -> str:
+        """What identifies the model's graph and weights together. The graph file alone does not: with its weights
+        in model.onnx.data it holds only their names and offsets, the same for every checkpoint of one
+        architecture. A single-file model's is that file's sha256, as it always was."""
+        files = self.manifest["files"]
+        names = self.model_files()
+        if len(names) == 1:
+            return files[names[0]]["sha256"]
+        return hashlib.sha256("".join(f"{n}:{files[n]['sha256']}\n" for n in names).encode()).hexdigest()
+
 
 def open_bundle(path: str | Path, verify: str = "changed") -> Bundle:
     """Read the manifest and check the files: verify is "all", "changed" (default) or "none"."""

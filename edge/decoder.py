@@ -197,7 +197,7 @@ def open_decoder(bundle: Bundle, profile: Profile, context_length: int | None = 
     context = min(context_length or shape["context_length"], shape["context_length"])
     adapter = kind_of(spec)
     require_onnxruntime(spec.get("min_onnxruntime"), bundle.path)
-    session = make_session(bundle.file(spec["file"]), profile, bundle.manifest["files"][spec["file"]]["sha256"])
+    session = make_session(bundle.file(spec["file"]), profile, bundle.model_sha256())
     return adapter(session, spec, shape, context)
 
 

@@ -129,9 +129,8 @@ class Engine:
         return self.worker.call(lambda: self.prefix_cache.load(Path(path), self._identity(), layers))
 
     def _identity(self) -> dict:
-        """What a prefix-cache file must have been written for: this graph, of this shape."""
-        file = self.bundle.manifest["onnx"]["file"]
-        return {"model_sha256": self.bundle.manifest["files"][file]["sha256"], "kind": self.decoder.kind,
+        """What a prefix-cache file must have been written for: this graph and these weights, of this shape."""
+        return {"model_sha256": self.bundle.model_sha256(), "kind": self.decoder.kind,
                 "shape": {k: self.decoder.shape[k] for k in ("num_layers", "num_kv_heads", "head_dim")}}
 
     def score(self, ids: Sequence[int]) -> np.ndarray:

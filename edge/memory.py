@@ -48,7 +48,7 @@ def estimate(bundle: Bundle, context: int, prefix_mb: float = 0) -> Estimate:
     cache of `prefix_mb` full."""
     manifest = bundle.manifest
     shape, files = manifest["model"], manifest["files"]
-    stored = sum(entry["size"] for name, entry in files.items() if name.startswith(manifest["onnx"]["file"]))
+    stored = sum(files[name]["size"] for name in bundle.model_files())
     fp16 = manifest.get("quantization", {}).get("method") == "fp16"
     weights = PREPACK * stored * (2 if fp16 else 1) + SESSION_MB * MB  # fp16 is widened to fp32 at load
     tokenizer = TOKENIZER_PER_BYTE * files.get(manifest["tokenizer"]["file"], {}).get("size", 0)

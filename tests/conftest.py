@@ -89,6 +89,28 @@ def at_accuracy_level(bundle: Path, out: Path, level: int) -> Path:
     return out
 
 
+def with_other_weights(bundle: Path, out: Path, seed: int) -> Path:
+    """A copy of a bundle with its weights in model.onnx.data, each float weight nudged by a seed's noise: the
+    graph file comes out byte for byte the same for every seed, as for two checkpoints of one architecture."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edge.bundle import read_manifest
+    from edge.export.bundle import write_manifest
+
+    shutil.copytree(bundle, out)
+    model = onnx.load(out / "model.onnx")
+    rng = np.random.default_rng(seed)
+    for tensor in (t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) > 1):
+        array = numpy_helper.to_array(tensor)
+        tensor.CopyFrom(numpy_helper.from_array(array * (1 + 0.1 * rng.standard_normal(array.shape, np.float32)),
+                                                tensor.name))
+    onnx.save_model(model, out / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    write_manifest(out, {k: v for k, v in read_manifest(out / "manifest.json").items() if k != "files"})
+    return out
+
+
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory) -> Exports:
     return Exports(tmp_path_factory.mktemp("exports"))

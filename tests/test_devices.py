@@ -6,13 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tomllib
 from boards import BOARDS, write_root
-from conftest import run_edge
+from conftest import run_edge, with_other_weights
 
 import edge
 from edge.devices import ProfileError, all_profiles, choose_profile, load_profile, profile_names, read_device
+from edge.engine import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"raspberry-pi-4", "raspberry-pi-5", "jetson-nano", "jetson-orin-nano", "jetson-orin-nx", "jetson-agx-orin",
@@ -116,6 +118,21 @@ def test_optimized_model_cache_gives_the_same_output(tmp_path, monkeypatch):
     cached[0].write_bytes(cached[0].read_bytes()[:100])
     assert edge.load("demo", profile="raspberry-pi-4").generate("Once upon a time", max_tokens=20) == first
     assert cached[0].stat().st_size > 100
+
+
+def test_the_optimized_model_cache_tells_apart_models_that_differ_only_in_their_weights(tmp_path, monkeypatch):
+    """Two checkpoints of one architecture have the same graph file once their weights are in model.onnx.data: the
+    cache must not hand the second the first one's optimized graph, weights and all."""
+    first = with_other_weights(resolve("demo"), tmp_path / "first", seed=1)
+    second = with_other_weights(resolve("demo"), tmp_path / "second", seed=2)
+    assert (first / "model.onnx").read_bytes() == (second / "model.onnx").read_bytes()
+    ids = list(range(3, 40))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    scores = [edge.load(b, profile="raspberry-pi-4").score(ids) for b in (first, second)]
+    assert len(list((tmp_path / "cache" / "edge-llm" / "optimized").glob("*.onnx"))) == 2
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh"))
+    np.testing.assert_array_equal(edge.load(second, profile="raspberry-pi-4").score(ids), scores[1])
+    assert np.abs(scores[1] - scores[0]).max() > 1e-2
 
 
 def test_export_for_a_profile_records_the_target(exports, tmp_path, capsys):

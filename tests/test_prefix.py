@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import with_other_weights
 from families import FAMILIES
 
 import edge
 from edge import memory
 from edge.bundle import open_bundle
 from edge.cache import KVState
+from edge.engine import resolve
 from edge.prefix import PrefixCache, PrefixCacheFileError
 
 GRAPHS = [(f.name, "auto") for f in FAMILIES] + [("qwen3", "optimum")]
@@ -126,6 +128,15 @@ def test_the_cache_file_warms_a_new_engine_and_is_refused_for_another_bundle(exp
     with pytest.raises(PrefixCacheFileError, match="not a readable"):
         second.load_prefix_cache(tmp_path / "junk.npz")
     assert not other.prefix_cache.entries and other.generate("Hello", max_tokens=2) is not None
+
+
+def test_a_cache_file_is_refused_for_the_same_graph_with_other_weights(tmp_path):
+    first = edge.load(with_other_weights(resolve("demo"), tmp_path / "first", seed=1), prefix_cache_mb=8)
+    second = edge.load(with_other_weights(resolve("demo"), tmp_path / "second", seed=2), prefix_cache_mb=8)
+    first.generate(ints(SHARED, 0), max_tokens=1)
+    assert first.save_prefix_cache(tmp_path / "prefix.npz") == 1
+    with pytest.raises(PrefixCacheFileError, match="another bundle"):
+        second.load_prefix_cache(tmp_path / "prefix.npz")
 
 
 def budget_profile(tmp_path, budget_mb: int, prefix_mb: int):
