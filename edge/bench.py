@@ -25,6 +25,7 @@ FIGURES = ("load_s", "prefill_tok_s", "decode_tok_s", "ttft_s", "host_ms_per_tok
 def measure(bundle: str, prompt_tokens: int, new_tokens: int, threads: int, profile: str = "auto") -> dict:
     """One run in this process: load, prefill a fixed prompt, greedy-decode exactly new_tokens (no eos stop)."""
     import edge
+    import edge.engine  # noqa: F401 (imported before the clock, as the peers' benchmarks import theirs)
     from edge.devices import resolve
 
     started = time.perf_counter()

@@ -16,7 +16,10 @@ from pathlib import Path
 import onnx
 
 FORMAT_VERSION = "1.0"  # major.minor: a runtime refuses a newer major; a new minor only adds optional fields
-EXTERNAL_DATA_BYTES = 256 << 20  # above this, weights go to model.onnx.data (protobuf caps a file at 2 GB)
+# Above this, weights go to model.onnx.data. onnxruntime maps that file instead of parsing the weights out of one
+# protobuf and copying them: SmolLM2-135M int4 (99 MB) loads in 0.34 s instead of 0.78 s, with 14 MB less peak RSS
+# (README, "Load time"). A tiny model keeps one file. (Protobuf also caps a file at 2 GB.)
+EXTERNAL_DATA_BYTES = 4 << 20
 
 
 @contextmanager
@@ -48,6 +51,8 @@ def save_model(model: onnx.ModelProto, folder: Path) -> list[str]:
     if weights > EXTERNAL_DATA_BYTES:
         onnx.save_model(model, folder / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx.data", size_threshold=1024)
+        # onnx writes the weights owner-only (0600): a service running as another user could not read them
+        shutil.copymode(folder / "model.onnx", folder / "model.onnx.data")
         return ["model.onnx", "model.onnx.data"]
     onnx.save_model(model, folder / "model.onnx")
     return ["model.onnx"]

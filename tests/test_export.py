@@ -79,6 +79,16 @@ def test_manifest_describes_the_model(exports, name):
     assert (created["transformers"], created["onnxruntime"]) == (transformers.__version__, onnxruntime.__version__)
 
 
+def test_a_real_models_weights_lie_beside_its_graph_readable_as_the_graph_is(exports):
+    """Above a few MB the weights go to model.onnx.data, which onnxruntime maps instead of parsing them out of the
+    graph's protobuf (half the load time); onnx writes that file owner-only, which a service user could not read."""
+    bundle = edge.load(exports.bundle("smollm2-135m", "int4")).bundle
+    assert bundle.model_files() == ["model.onnx", "model.onnx.data"]
+    assert (bundle.path / "model.onnx").stat().st_size < 1 << 20
+    modes = {name: (bundle.path / name).stat().st_mode & 0o777 for name in bundle.model_files()}
+    assert modes["model.onnx.data"] == modes["model.onnx"], modes
+
+
 def rel_rms(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.sqrt(((got - want) ** 2).mean() / (want ** 2).mean()))
 

@@ -10,6 +10,7 @@ import edge
 from edge.devices import Device, load_profile
 from edge import memory
 from edge.bundle import open_bundle
+from edge.engine import DEMO, resolve
 
 MEASURE = """
 import sys, edge
@@ -28,7 +29,7 @@ def test_estimate_is_within_25_percent_of_measured_peak_rss(exports, name, quant
     bundle = "demo" if name == "demo" else str(exports.bundle(name, quant))
     measured = float(subprocess.run([sys.executable, "-c", MEASURE, bundle, str(context)], capture_output=True,
                                     text=True, check=True).stdout)
-    estimate = memory.estimate(open_bundle(edge.engine.resolve(bundle), verify="none"), context).total_mb
+    estimate = memory.estimate(open_bundle(resolve(bundle), verify="none"), context).total_mb
     print(f"\n{name} {quant or 'fp32'} at {context} tokens: estimate {estimate:.0f} MB, peak RSS {measured:.0f} MB "
           f"(x{estimate / measured:.2f})")
     assert 0.75 <= estimate / measured <= 1.25
@@ -58,7 +59,7 @@ def test_fitting_load_is_accepted(tmp_path):
     (Device(mem_available_mb=64000, cgroup_limit_mb=300), "cgroup limit"),
 ])
 def test_what_the_machine_has_limits_too(device, limit):
-    need = memory.estimate(open_bundle(edge.engine.DEMO), 512)
+    need = memory.estimate(open_bundle(DEMO), 512)
     profile = load_profile("cpu")  # reserve 256 MB: 300 MB leaves 44, under the demo's ~70
     with pytest.raises(memory.MemoryBudgetError, match=limit):
         memory.check(need, profile, device)

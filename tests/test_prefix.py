@@ -12,7 +12,7 @@ import edge
 from edge import memory
 from edge.bundle import open_bundle
 from edge.cache import KVState
-from edge.engine import resolve
+from edge.engine import DEMO, resolve
 from edge.prefix import PrefixCache, PrefixCacheFileError
 
 GRAPHS = [(f.name, "auto") for f in FAMILIES] + [("qwen3", "optimum")]
@@ -149,8 +149,8 @@ def budget_profile(tmp_path, budget_mb: int, prefix_mb: int):
 
 
 def test_the_memory_check_counts_the_budget(tmp_path, capfd):
-    need = memory.estimate(open_bundle(edge.engine.DEMO), 512)
-    assert memory.estimate(open_bundle(edge.engine.DEMO), 512, prefix_mb=50).total_mb == need.total_mb + 50
+    need = memory.estimate(open_bundle(DEMO), 512)
+    assert memory.estimate(open_bundle(DEMO), 512, prefix_mb=50).total_mb == need.total_mb + 50
     tight = budget_profile(tmp_path, int(need.total_mb) + 10, prefix_mb=50)
     engine = edge.load("demo", profile=tight)  # the profile's cache does not fit: off, with a note
     assert engine.prefix_cache is None and "no room for the profile's 50 MB prefix cache" in capfd.readouterr().err
