@@ -8,6 +8,7 @@ import itertools
 
 import numpy as np
 import pytest
+from conftest import drafts_pay
 from families import FAMILIES
 
 import edge
@@ -304,9 +305,7 @@ def test_real_models_write_the_same_text_with_speculation(exports, name):
         passage = ("The library opens at nine in the morning and closes at six in the evening. On Saturdays it "
                    "closes at noon. It is closed on Sundays and on public holidays.")
         prompt = {"messages": [{"role": "user", "content": f"{passage}\n\nRepeat the text above word for word."}]}
-    # Whether a draft pays is this CPU's call (a loaded 2-core CI runner timed 2-row passes too dear to draft at
-    # all): pinned as on a CPU where extra rows are cheap, so the drafts are made and verified on every machine.
-    gen.pass_costs(engine.decoder).set_from({rows: 1.0 + 0.05 * (rows - 1) for rows in range(1, 10)})
+    drafts_pay(engine.decoder)
     plain = "".join(r.text for r in engine.stream(**prompt, temperature=0, max_tokens=40, speculate=False))
     records = list(engine.stream(**prompt, temperature=0, max_tokens=40, speculate=True))
     assert "".join(r.text for r in records) == plain

@@ -18,11 +18,10 @@ import jsonschema
 import openai
 import pytest
 import uvicorn
-from conftest import free_port, run_edge
+from conftest import drafts_pay, free_port, run_edge
 
 import edge
 import edge.engine
-from edge.generate import pass_costs
 from edge.server import ServerSettings, make_app
 
 MESSAGES = [{"role": "system", "content": "You are a storyteller."}, {"role": "user", "content": "Tell me a story 🦙"}]
@@ -303,7 +302,7 @@ def test_an_empty_prompt_to_a_model_with_no_start_token_is_refused(tmp_path):
     tokenizer = json.loads((bundle / "tokenizer.json").read_text())
     tokenizer["post_processor"] = None  # no BOS added either
     (bundle / "tokenizer.json").write_text(json.dumps(tokenizer))
-    write_manifest(bundle, {k: v for k, v in manifest.items() if k != "files"})
+    write_manifest(bundle, manifest)
     engine = edge.load(bundle)
     with pytest.raises(edge.ContextError, match="no BOS, <\\|endoftext\\|> or EOS"):
         engine.generate("")
@@ -560,8 +559,7 @@ def test_the_prefix_cache_file_makes_the_first_request_after_a_restart_warm(expo
 
 def test_a_request_may_speculate_and_metrics_report_the_acceptance(exports):
     engine = edge.load(exports.bundle("smollm2-135m", "int4"), prefix_cache_mb=0)
-    # drafting pinned to pay, whatever this CPU's calibration says (a loaded runner can find no draft worth a pass)
-    pass_costs(engine.decoder).set_from({rows: 1.0 + 0.05 * (rows - 1) for rows in range(1, 10)})
+    drafts_pay(engine.decoder)
     with in_process(make_app(engine)) as base:
         question = "Repeat this sentence exactly: It opens at seven in the morning and closes at six in the evening."
         plain = ask(base, question, speculate=False).choices[0].message.content
